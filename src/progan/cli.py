@@ -1,0 +1,85 @@
+"""`progan`: one subcommand per pipeline stage, plus tools around them. Thin: parse, load params, call.
+
+Every stage command takes `--params PATH` (default ./params.yaml), changes into the folder that holds
+it (the project root, where data/ and results/ live) and calls the stage's `run()`. Errors are one
+line on stderr and exit status 1; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from progan.errors import ProganError
+
+# subcommand -> (module, help). Each module has `run(params, **kwargs)`; `add_arguments(parser)` is optional.
+STAGES = {
+    "download": ("progan.data.download", "fetch or list the source images (data.*) into data/raw/"),
+    "crop": ("progan.data.faces", "detect and crop one face per image (crop.*) into data/faces/"),
+    "pyramid": ("progan.data.pyramid", "write data/pyramid/<res>.npy for every training resolution"),
+    "train": ("progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)"),
+    "evaluate": ("progan.evaluate", "SWD and MS-SSIM of one stage: results/<res>/eval.json (evaluate.*)"),
+    "report": ("progan.report", "one HTML page for the whole run: results/report/index.html"),
+}
+TOOLS = {
+    "track-start": ("progan.tracking", "create the MLflow store, experiment and parent run before jobs start"),
+    "dvc-yaml": ("progan.pipeline", "regenerate dvc.yaml from the stage table (pipeline.py) and params.yaml"),
+}
+RES_COMMANDS = {"train", "evaluate"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="progan", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in {**STAGES, **TOOLS}.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", metavar="PATH",
+                       help="params file (default: ./params.yaml); its folder is the project root")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name in RES_COMMANDS:
+            p.add_argument("--res", type=int, required=True, metavar="PX", help="stage resolution in px (4, 8, ...)")
+        p.set_defaults(_module=module)
+        mod = _import_quiet(module)
+        if mod is not None and hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+    return parser
+
+
+def _import_quiet(module: str):
+    """Import a stage module for its extra CLI flags; a module that does not exist yet adds none."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from progan import log, params as params_mod
+
+    args = _parser().parse_args(argv)
+    log.setup()
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        params = params_mod.load(args.params)
+        os.chdir(params.root)
+        module = importlib.import_module(args._module)
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
+        module.run(params, **kwargs)
+    except ProganError as e:
+        if args.debug:
+            raise
+        print(f"progan {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"progan {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

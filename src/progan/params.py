@@ -1,0 +1,219 @@
+"""Load and validate params.yaml: the single source of truth for every knob of every stage.
+
+`load(path)` validates against `schemas/params.schema.yaml` (mirrored at workflow/schemas/) plus the
+checks a schema cannot express, and returns a read-only `Params` with attribute access
+(`p.crop.size`, `p.train.stages["16"].lr`). Every error is one line naming the key:
+    params.yaml: crop.size must be a power of two >= 8 and <= 1024, got 100
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jsonschema
+import yaml
+
+from progan.errors import ProganError
+
+DEFAULT_PATH = "params.yaml"
+
+
+class ParamsError(ProganError):
+    pass
+
+
+class Section(Mapping):
+    """Read-only view of a params mapping with attribute access; nested mappings are Sections too."""
+
+    __slots__ = ("_data", "_key")
+
+    def __init__(self, data: Mapping[str, Any], key: str = ""):
+        object.__setattr__(self, "_data", dict(data))
+        object.__setattr__(self, "_key", key)
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._data[name]
+        if isinstance(value, Mapping):
+            return Section(value, f"{self._key}.{name}" if self._key else str(name))
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"params has no key {self._key + '.' if self._key else ''}{name}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("params are read-only")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Section({self._key or 'params'}: {self._data!r})"
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self._data))
+
+
+class Params(Section):
+    """The whole params.yaml. `root` is the folder holding it: every relative path is taken from there."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, data: Mapping[str, Any], path: Path):
+        super().__init__(data)
+        object.__setattr__(self, "path", path)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Training resolutions 4, 8, ..., crop.size (one training stage each)."""
+        return [2**k for k in range(2, int(self.crop.size).bit_length())]
+
+    def stage(self, res: int) -> Section:
+        return self.train.stages[str(int(res))]
+
+    def get(self, dotted: str, default=None):
+        value: Any = self._data
+        for part in dotted.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return default
+            value = value[part]
+        return value
+
+    def subset(self, keys: list[str]) -> dict[str, Any]:
+        """The values of the dotted keys, e.g. for a Snakemake rule's params."""
+        return {k: self.get(k) for k in keys}
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of all params (tags MLflow runs)."""
+        return hashlib.sha256(json.dumps(self._data, sort_keys=True).encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    text = resources.files("progan").joinpath("schemas/params.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _subschema_message(error: jsonschema.ValidationError) -> str | None:
+    sch = error.schema if isinstance(error.schema, dict) else {}
+    if "x-message" in sch:
+        return sch["x-message"]
+    parent = error.parent
+    while parent is not None:
+        if isinstance(parent.schema, dict) and "x-message" in parent.schema:
+            return parent.schema["x-message"]
+        parent = parent.parent
+    return None
+
+
+def _format_error(name: str, error: jsonschema.ValidationError, root_schema: dict) -> str:
+    key = _key_path(error)
+    got = json.dumps(error.instance) if not isinstance(error.instance, (dict, list)) else None
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        where = f"{key}." if error.absolute_path else ""
+        return f"{name}: unknown key {where}{extra[0]} (allowed here: {allowed})"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        where = f"{key}." if error.absolute_path else ""
+        return f"{name}: missing key {where}{missing} (every key must be written out; see the default params.yaml)"
+    if error.validator == "propertyNames":
+        return f"{name}: {key} has an unknown key {json.dumps(error.instance)}; keys must be the resolutions 4, 8, ..., crop.size as quoted strings"
+    # Find the schema node of the failing key to use its x-message.
+    node = root_schema
+    try:
+        for part in error.absolute_path:
+            props = node.get("properties", {})
+            if part in props:
+                node = props[part]
+            elif isinstance(node.get("additionalProperties"), dict):
+                node = node["additionalProperties"]
+            elif "items" in node:
+                node = node["items"]
+            if "$ref" in node:
+                node = root_schema["$defs"][node["$ref"].split("/")[-1]]
+    except (AttributeError, KeyError, TypeError):
+        node = {}
+    msg = node.get("x-message") if isinstance(node, dict) else None
+    msg = msg or _subschema_message(error)
+    if msg is None:
+        if error.validator == "enum":
+            msg = "must be one of " + ", ".join(json.dumps(v) for v in error.validator_value)
+        elif error.validator == "type":
+            types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+            msg = "must be " + " or ".join(types)
+        elif error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+            op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[error.validator]
+            msg = f"must be {op} {error.validator_value}"
+        else:
+            msg = error.message
+    return f"{name}: {key} {msg}" + (f", got {got}" if got is not None else "")
+
+
+def validate(data: Any, name: str = DEFAULT_PATH) -> None:
+    """Raise ParamsError with one line naming the first wrong key; return None when `data` is valid."""
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"{name}: must be a YAML mapping of sections (seed, data, crop, ...), got {type(data).__name__}")
+    root_schema = schema()
+    validator = jsonschema.Draft202012Validator(root_schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ParamsError(_format_error(name, errors[0], root_schema))
+    # Checks a schema cannot express.
+    size = data["crop"]["size"]
+    wanted = [str(2**k) for k in range(2, int(size).bit_length())]
+    have = list(data["train"]["stages"])
+    missing = [r for r in wanted if r not in have]
+    extra = [r for r in have if r not in wanted]
+    if missing:
+        raise ParamsError(f"{name}: train.stages has no entry for resolution {missing[0]}; "
+                          f"crop.size {size} needs exactly {', '.join(wanted)}")
+    if extra:
+        raise ParamsError(f"{name}: train.stages has resolution {extra[0]} above crop.size {size}; "
+                          f"remove it or raise crop.size")
+    if data["train"]["stages"]["4"]["transition_kimg"] != 0:
+        raise ParamsError(f"{name}: train.stages.4.transition_kimg must be 0 (nothing to fade in at 4x4)")
+    src = data["data"]["source"]
+    if src == "url" and not data["data"]["url"]:
+        raise ParamsError(f"{name}: data.url must be set when data.source is url")
+    if src == "folder" and not data["data"]["folder"]:
+        raise ParamsError(f"{name}: data.folder must be set when data.source is folder")
+
+
+def load(path: str | Path = DEFAULT_PATH) -> Params:
+    path = Path(path).absolute()
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file; run from the project folder or pass --params PATH") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{name}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    validate(data, name)
+    return Params(data, path)
