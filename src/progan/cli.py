@@ -28,11 +28,31 @@ TOOLS = {
     "dvc-yaml": ("progan.pipeline", "regenerate dvc.yaml from the stage table (pipeline.py) and params.yaml"),
 }
 RES_COMMANDS = {"train", "evaluate"}
+GPU_COMMANDS = {"crop", "train", "evaluate"}  # these take a GPU lease (see gpus.py)
+
+
+def _gpu_lease(command: str, params):
+    """Lease this job's GPUs (sets CUDA_VISIBLE_DEVICES). torchrun workers inherit their launcher's lease."""
+    import contextlib
+
+    from progan import gpus
+
+    if command not in GPU_COMMANDS or "LOCAL_RANK" in os.environ:
+        return contextlib.nullcontext()
+    visible = gpus.visible_devices()
+    budget = gpus.budget_from_env()
+    if command == "train":
+        count = gpus.resolve(params.train.gpus, budget, len(visible))
+    else:
+        count = min(1, len(visible) if budget is None else min(budget, len(visible)))
+    return gpus.lease(count, visible)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="progan", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("demo", help="run the whole DAG to 32 px with tiny nets on a folder of images (CPU, minutes)",
+                   add_help=False)
     for name, (module, help_text) in {**STAGES, **TOOLS}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", metavar="PATH",
@@ -60,6 +80,11 @@ def _import_quiet(module: str):
 def main(argv: list[str] | None = None) -> int:
     from progan import log, params as params_mod
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the one command that makes its own params.yaml
+        from progan import demo
+
+        return demo.main(argv[1:])
     args = _parser().parse_args(argv)
     log.setup()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -69,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(params.root)
         module = importlib.import_module(args._module)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
-        module.run(params, **kwargs)
+        with _gpu_lease(args.command, params):
+            module.run(params, **kwargs)
     except ProganError as e:
         if args.debug:
             raise
         print(f"progan {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything unexpected: one line, traceback only with --debug
+        if args.debug:
+            raise
+        print(f"progan {args.command}: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"progan {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -21,11 +21,11 @@ STATE_DIR = ".progan"                     # run-local state outside declared out
 
 
 def pyramid_level(res_px: int) -> str:
-    return f"{PYRAMID_DIR}/{int(res_px)}.npy"
+    return f"{PYRAMID_DIR}/{res_px}.npy"
 
 
 def stage_dir(res_px: int) -> str:
-    return f"{RESULTS_DIR}/{int(res_px)}"
+    return f"{RESULTS_DIR}/{res_px}"
 
 
 def checkpoint(res_px: int) -> str:

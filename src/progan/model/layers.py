@@ -1,0 +1,149 @@
+"""ProGAN building blocks (Karras et al. 2017), following tkarras/progressive_growing_of_gans `networks.py`.
+
+- Equalized learning rate (paper §4.1): weights are stored N(0, 1) and multiplied at run time by the He
+  constant gain / sqrt(fan_in) (official `get_weight(..., use_wscale=True)`); biases are not scaled, init 0.
+- Pixelwise feature vector normalization (paper §4.2, official `pixel_norm`).
+- Minibatch standard deviation (paper §3, official `minibatch_stddev_layer`).
+- Nearest 2x upsampling and 2x2 box downsampling (official `upscale2d` / `downscale2d`).
+
+All ops are plain torch ops (no CPU-only paths): they run under CUDA bf16 autocast and channels_last.
+The scale factors are Python floats, so nothing is allocated per call except the scaled weight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from progan.errors import ProganError
+
+SQRT2 = math.sqrt(2.0)
+LRELU_SLOPE = 0.2       # official leaky_relu(alpha=0.2), both networks
+PIXELNORM_EPS = 1e-8    # official G_paper pixelnorm_epsilon
+MBSTD_EPS = 1e-8        # official minibatch_stddev_layer: sqrt(var + 1e-8)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv with 'same' padding, weight N(0,1) scaled by gain/sqrt(in*k*k) at run time (paper §4.1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_px: int, gain: float = SQRT2):
+        super().__init__()
+        if kernel_px < 1 or kernel_px % 2 != 1:
+            raise ValueError(f"kernel_px must be odd, got {kernel_px}")
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_px, kernel_px))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * kernel_px * kernel_px)  # official: fan_in = prod(shape[:-1])
+        self.padding = kernel_px // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, kernel_px={k}, scale={self.scale:.6g}"
+
+
+class EqualizedLinear(nn.Module):
+    """Dense layer, weight N(0,1) scaled by gain/sqrt(in_features) at run time (paper §4.1).
+
+    `bias=False` leaves the bias to the caller (G's 4x4 dense adds a per-channel bias after the reshape,
+    as the official `G_paper` calls `apply_bias` after `tf.reshape`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, gain: float = SQRT2, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        o, i = self.weight.shape
+        return f"{i}, {o}, bias={self.bias is not None}, scale={self.scale:.6g}"
+
+
+def leaky_relu(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def pixel_norm(x: Tensor, eps: float = PIXELNORM_EPS) -> Tensor:
+    """b = a / sqrt(mean_c(a^2) + eps) over the channel axis (paper §4.2, eq. in §4.2; official `pixel_norm`).
+
+    Works for [N, C] latents and [N, C, H, W] feature maps (dim 1 is the channel axis in both).
+    """
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+def upsample2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour 2x upsampling [N, C, H, W] -> [N, C, 2H, 2W] (official `upscale2d`); exact copies."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def downsample2x(x: Tensor) -> Tensor:
+    """2x2 box filter [N, C, H, W] -> [N, C, H/2, W/2] (official `downscale2d`, avg_pool VALID)."""
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
+    """Append one feature map: the stddev over each group of samples, averaged over C, H, W (paper §3).
+
+    Follows the official `minibatch_stddev_layer` exactly: G = min(group_size, N); the batch is reshaped to
+    [G, M, C, H, W], so sample n belongs to group n % M (strided groups, not consecutive ones); population
+    variance over the group (divide by G), sqrt(var + 1e-8), mean over C, H, W, computed in fp32, then cast
+    back and replicated over the group and pixels. [N, C, H, W] -> [N, C + 1, H, W].
+    N must be divisible by G (the official code fails on the reshape otherwise); we raise ProganError.
+    """
+    n, c, h, w = x.shape
+    g = min(group_size, n)
+    if n % g != 0:
+        raise ProganError(
+            f"minibatch stddev: batch of {n} is not divisible by the group size {g}; use a per-device batch "
+            f"that is a multiple of model.mbstd_group_size ({group_size}) or smaller than it")
+    y = x.float().reshape(g, n // g, c, h, w)            # [GMCHW]
+    y = y - y.mean(dim=0, keepdim=True)                  # subtract the group mean
+    y = y.square().mean(dim=0)                           # [MCHW] variance over the group
+    y = (y + MBSTD_EPS).sqrt()                           # [MCHW] stddev
+    y = y.mean(dim=(1, 2, 3))                            # [M] average over fmaps and pixels
+    y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)  # [N1HW]
+    return torch.cat([x, y], dim=1)
+
+
+class UpConv2d(EqualizedConv2d):
+    """Nearest 2x upsample followed by a 3x3 equalized conv, fused into one stride-2 transposed conv.
+
+    Official `G_paper` default `fused_scale=True` (`upscale2d_conv2d`): the 3x3 kernel is zero-padded to 5x5 and
+    four shifted copies are summed into a 4x4 kernel, applied with conv_transpose stride 2. That costs 4/9 of the
+    FLOPs of upsample + conv and is the same linear map. Deviation: we build the 4x4 kernel from the spatially
+    flipped weight, so the result equals `conv3x3(upsample2x(x))` with THIS weight exactly up to float rounding
+    (the official code does not flip; with N(0,1)-initialised learned weights that is only a relabelling).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
+        super().__init__(in_channels, out_channels, 3, gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = (self.weight * self.scale).flip(2, 3).transpose(0, 1)   # [in, out, 3, 3] (conv_transpose layout)
+        w = F.pad(w, (1, 1, 1, 1))                                   # [in, out, 5, 5]
+        w = w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]  # [in, out, 4, 4]
+        return F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
+
+
+class ConvDown2d(EqualizedConv2d):
+    """A 3x3 equalized conv followed by the 2x2 box downsample, fused into one stride-2 4x4 conv.
+
+    Official `D_paper` default `fused_scale=True` (`conv2d_downscale2d`): padded 3x3 kernel, four shifted copies
+    summed and scaled by 1/4. Equals `downsample2x(conv3x3(x))` up to float rounding, at 4/9 of the FLOPs.
+    The bias is added after the downsample (it commutes with averaging), as in the official code.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
+        super().__init__(in_channels, out_channels, 3, gain)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = F.pad(self.weight * self.scale, (1, 1, 1, 1))           # [out, in, 5, 5]
+        w = (w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]) * 0.25  # [out, in, 4, 4]
+        return F.conv2d(x, w, self.bias, stride=2, padding=1)

@@ -1,0 +1,81 @@
+# Helpers shared by the rules: params (validated before any work), the stage table, GPU counts, MLflow.
+import json
+import os
+
+from snakemake.exceptions import WorkflowError
+
+from progan import gpus, paths, pipeline
+from progan import params as progan_params
+from progan.errors import ProganError
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+try:
+    PARAMS = progan_params.load("params.yaml")
+except ProganError as err:
+    raise WorkflowError(str(err)) from None
+if json.loads(json.dumps(config)) != PARAMS.to_dict():
+    raise WorkflowError(
+        "params.yaml is the only config: do not pass --config/--configfile; edit params.yaml instead"
+    )
+
+
+def _gpu_budget():
+    res = workflow.global_resources.get("gpu")
+    value = getattr(res, "value", res)
+    return None if value is None else int(value)
+
+
+GPU_BUDGET = _gpu_budget()
+if GPU_BUDGET is not None:
+    os.environ[gpus.BUDGET_ENV] = str(GPU_BUDGET)  # jobs resolve train.gpus=auto the same way
+try:
+    _VISIBLE = len(gpus.visible_devices())
+    TRAIN_GPUS = gpus.resolve(PARAMS.train.gpus, GPU_BUDGET, _VISIBLE)
+except ProganError as err:
+    raise WorkflowError(str(err)) from None
+ONE_GPU = min(1, _VISIBLE if GPU_BUDGET is None else min(GPU_BUDGET, _VISIBLE))
+
+
+def stage_gpus(name):
+    return TRAIN_GPUS if name == "train" else ONE_GPU
+
+
+def stage_code(name):
+    """Source files a stage runs, as absolute paths into the checkout (inputs: edits re-run the stage)."""
+    return [str(REPO / f) for f in pipeline.SOURCES[name]]
+
+
+def stage_shell(name, per_res=False):
+    return pipeline.stage(PARAMS, name, 4 if per_res else None).cmd.replace("--res 4", "--res {wildcards.res}")
+
+
+def stage_params(name):
+    return PARAMS.subset(pipeline.stage(PARAMS, name, 4 if name in ("train", "evaluate") else None).params)
+
+
+def res_params(name):
+    """Params values a per-resolution job reads, by wildcard (so only that stage's keys count)."""
+
+    def get(wildcards):
+        return PARAMS.subset(pipeline.stage(PARAMS, name, int(wildcards.res)).params)
+
+    return get
+
+
+def res_inputs(name):
+    def get(wildcards):
+        s = pipeline.stage(PARAMS, name, int(wildcards.res))
+        return {"data": s.deps, "code": stage_code(name)}
+
+    return get
+
+
+onstart:
+    # One MLflow parent run per invocation, created (with the SQLite store) before any job starts:
+    # a fresh mlflow.db opened by several jobs at once gets corrupted.
+    shell("progan track-start --params params.yaml")
+    state = Path(paths.STATE_DIR) / "mlflow_parent.json"
+    if state.exists():
+        os.environ["PROGAN_MLFLOW_PARENT_RUN_ID"] = json.loads(state.read_text())["run_id"]
