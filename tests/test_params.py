@@ -1,0 +1,116 @@
+"""params.yaml validation: one line naming the key and what is allowed."""
+import pytest
+import yaml
+
+from progan import params as params_mod
+from progan.params import ParamsError
+
+from helpers import REPO, default_params, demo_params, set_key, write_params
+
+
+def _error(tmp_path, **overrides) -> str:
+    path = write_params(tmp_path, **overrides)
+    with pytest.raises(ParamsError) as info:
+        params_mod.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_and_demo_params_are_valid():
+    p = params_mod.load(REPO / "params.yaml")
+    assert p.crop.size == 128 and p.resolutions == [4, 8, 16, 32, 64, 128]
+    assert p.stage(64).lr == 0.001 and p.train.stages["4"].transition_kimg == 0
+    params_mod.validate(demo_params(), "params.demo.yaml")
+
+
+def test_size_not_power_of_two(tmp_path):
+    assert _error(tmp_path, crop__size=100) == "params.yaml: crop.size must be a power of two >= 8 and <= 1024, got 100"
+
+
+def test_typo_key(tmp_path):
+    data = default_params()
+    data["crop"]["min_confidance"] = 0.9
+    path = write_params(tmp_path, data)
+    with pytest.raises(ParamsError, match=r"^params.yaml: unknown key crop.min_confidance \(allowed here: .*min_confidence"):
+        params_mod.load(path)
+
+
+def test_wrong_type_and_range(tmp_path):
+    assert _error(tmp_path, train__ema_decay="high") == 'params.yaml: train.ema_decay must be number, got "high"'
+    assert _error(tmp_path, train__stages__16__stabilize_kimg=-5) == \
+        "params.yaml: train.stages.16.stabilize_kimg must be >= 0, got -5"
+    assert "data.source must be one of" in _error(tmp_path, data__source="ftp")
+    assert "train.gpus must be 'auto' or an integer >= 0" in _error(tmp_path, train__gpus="all")
+
+
+def test_stage_missing_or_extra(tmp_path):
+    data = default_params()
+    del data["train"]["stages"]["64"]
+    write_params(tmp_path, data)
+    with pytest.raises(ParamsError, match="train.stages has no entry for resolution 64"):
+        params_mod.load(tmp_path / "params.yaml")
+    assert "above crop.size 64" in _error(tmp_path, crop__size=64)
+    assert "train.stages keys must be the resolutions" in _error(tmp_path, train__stages__12={"batch": 1, "lr": 1, "transition_kimg": 0,
+                                                                   "stabilize_kimg": 1})
+
+
+def test_missing_key_and_bad_yaml(tmp_path):
+    data = default_params()
+    del data["mlflow"]["experiment"]
+    write_params(tmp_path, data)
+    with pytest.raises(ParamsError, match="missing key mlflow.experiment"):
+        params_mod.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: [1\n")
+    with pytest.raises(ParamsError, match="params.yaml: line .* is not valid YAML"):
+        params_mod.load(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="no such params file"):
+        params_mod.load(tmp_path / "nope.yaml")
+
+
+def test_source_needs_its_key(tmp_path):
+    assert "data.url must be set" in _error(tmp_path, data__source="url")
+
+
+def _schema_keys(node, prefix=""):
+    keys = set()
+    for name, sub in node.get("properties", {}).items():
+        keys.add(prefix + name)
+        if sub.get("type") == "object" and "properties" in sub:
+            keys |= _schema_keys(sub, prefix + name + ".")
+    return keys
+
+
+def _yaml_keys(node, prefix=""):
+    keys = set()
+    for name, sub in node.items():
+        keys.add(prefix + name)
+        if isinstance(sub, dict) and name != "stages":
+            keys |= _yaml_keys(sub, prefix + name + ".")
+    return keys
+
+
+def test_schema_mirrors_params_yaml_and_everything_is_required():
+    schema = params_mod.schema()
+    assert _schema_keys(schema) == _yaml_keys(default_params()) == _yaml_keys(demo_params())
+
+    def walk(node, where):
+        if node.get("type") == "object" and "properties" in node:
+            assert set(node["required"]) == set(node["properties"]), where
+            assert node.get("additionalProperties") is False, where
+            for name, sub in node["properties"].items():
+                walk(sub, f"{where}.{name}")
+
+    walk(schema, "params")
+    # the copy Snakemake users see is the same file
+    assert (REPO / "workflow/schemas/params.schema.yaml").read_text() == \
+        (REPO / "src/progan/schemas/params.schema.yaml").read_text()
+
+
+def test_read_only_and_digest(tmp_path):
+    p = params_mod.load(write_params(tmp_path))
+    with pytest.raises(AttributeError):
+        p.seed = 3
+    q = params_mod.load(write_params(tmp_path / "b", seed=1))
+    assert p.digest() != q.digest()
+    assert p.get("train.stages.16.lr") == 0.001 and p.get("nope.x") is None
