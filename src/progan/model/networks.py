@@ -1,0 +1,331 @@
+"""ProGAN generator and discriminator (Karras et al. 2017, Table 2), after the official `G_paper` / `D_paper`
+in tkarras/progressive_growing_of_gans `networks.py`.
+
+A net built for `res_px` holds every block 4..res_px and a toRGB (G) / fromRGB (D) for EVERY resolution,
+keyed by resolution in `nn.ModuleDict`s (`blocks.4`, `blocks.8`, `to_rgb.4`, ...), so the state dict of the
+res/2 net is a subset of the res one (`load_grown`). `alpha` in [0, 1] fades in the top block (paper §2,
+Fig. 2; 1 = fully grown), which the official code expresses as `lod`: alpha = 1 - (lod_in - lod).
+
+Deviations from the official code (all flagged where they happen):
+- the fused up/down convs build their 4x4 kernel so they equal upsample+conv3x3 / conv3x3+pool with the SAME
+  3x3 weight (see layers.UpConv2d);
+- the toRGB/fromRGB layers below res/2 are kept (never used in forward) so the state dicts nest; with DDP
+  this needs `find_unused_parameters=True` or excluding them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from progan.errors import ProganError
+from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
+                                 leaky_relu, minibatch_stddev, pixel_norm, upsample2x)
+
+CHECKPOINT_FORMAT = "progan-checkpoint"
+GENERATOR_FORMAT = "progan-generator"    # an exported G_ema (same keys, without G/D/optimizers)
+CHECKPOINT_VERSION = 1
+MAX_RES_PX = 1024
+
+
+def _check_res(res_px: int, minimum: int = 4) -> int:
+    if not isinstance(res_px, int) or res_px < minimum or res_px > MAX_RES_PX or res_px & (res_px - 1):
+        raise ProganError(f"resolution must be a power of two in [{minimum}, {MAX_RES_PX}] px, got {res_px!r}")
+    return res_px
+
+
+def _resolutions(res_px: int) -> list[int]:
+    return [2**k for k in range(2, res_px.bit_length())]    # 4, 8, ..., res_px
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_dim: int = 512        # paper: 512 (official latent_size = nf(0))
+    fmap_base: int = 8192        # official fmap_base: nf(stage) = min(fmap_base / 2^stage, fmap_max)
+    fmap_max: int = 512
+    mbstd_group_size: int = 4    # official D_paper default; <= 1 disables the layer (as official)
+    num_channels: int = 3
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ProganError(f"model.{f.name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_params(cls, params) -> "ModelConfig":
+        m = params.model
+        return cls(latent_dim=int(m.latent_dim), fmap_base=int(m.fmap_base), fmap_max=int(m.fmap_max),
+                   mbstd_group_size=int(m.mbstd_group_size))
+
+    def nf(self, res_px: int) -> int:
+        """Feature maps at `res_px` (official `nf(stage)` with stage = log2(res_px) - 1; res_px 2 = stage 0)."""
+        _check_res(res_px, minimum=2)
+        stage = res_px.bit_length() - 2
+        n = min(int(self.fmap_base / 2.0**stage), self.fmap_max)
+        if n < 1:
+            raise ProganError(f"model.fmap_base {self.fmap_base} gives 0 feature maps at {res_px} px; "
+                              f"raise model.fmap_base to at least {2**stage}")
+        return n
+
+
+def _fade_weight(alpha: float | Tensor) -> float | Tensor | None:
+    """Clip alpha to [0, 1] like the official `lerp_clip`; None means fully grown (skip the old branch)."""
+    if isinstance(alpha, Tensor):
+        return alpha.clamp(0.0, 1.0)
+    a = float(alpha)
+    if math.isnan(a):
+        raise ProganError("fade-in alpha is NaN")
+    a = min(max(a, 0.0), 1.0)
+    return None if a == 1.0 else a
+
+
+def _lerp(old: Tensor, new: Tensor, weight: float | Tensor) -> Tensor:
+    """old + (new - old) * weight; weight 0 returns `old` bit-exactly (torch.lerp)."""
+    new = new.to(old.dtype)
+    if isinstance(weight, Tensor):
+        weight = weight.to(device=old.device, dtype=old.dtype)
+    return torch.lerp(old, new, weight)
+
+
+def fade_reals(x: Tensor, alpha: float | Tensor) -> Tensor:
+    """Blend reals with their 2x-blurred version during a fade-in (official train.py `process_reals`):
+    lerp(upsample(avgpool2(x)), x, alpha). [N, C, H, W] -> same; alpha 1 returns x unchanged."""
+    w = _fade_weight(alpha)
+    if w is None:
+        return x
+    return _lerp(upsample2x(downsample2x(x)), x, w)
+
+
+# ---------------------------------------------------------------------------------------------- generator
+
+class _GFirstBlock(nn.Module):
+    """4x4: PN(z) -> dense to nf*16 -> reshape [N, nf, 4, 4] -> +bias -> LReLU -> PN -> conv3x3 -> LReLU -> PN."""
+
+    def __init__(self, latent_dim: int, nf: int):
+        super().__init__()
+        self.nf = nf
+        # official G_paper: gain=np.sqrt(2)/4 "to match the original Theano implementation"
+        self.dense = EqualizedLinear(latent_dim, nf * 16, gain=SQRT2 / 4, bias=False)
+        self.dense_bias = nn.Parameter(torch.zeros(nf))    # official apply_bias after the reshape: per channel
+        self.conv = EqualizedConv2d(nf, nf, 3)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.dense(pixel_norm(z)).view(-1, self.nf, 4, 4)          # [N, nf, 4, 4]
+        x = pixel_norm(leaky_relu(x + self.dense_bias.to(x.dtype).view(1, -1, 1, 1)))
+        return pixel_norm(leaky_relu(self.conv(x)))
+
+
+class _GBlock(nn.Module):
+    """8x8 and up: upsample -> conv3x3 -> LReLU -> PN -> conv3x3 -> LReLU -> PN (upsample fused into conv0)."""
+
+    def __init__(self, in_nf: int, nf: int):
+        super().__init__()
+        self.conv0 = UpConv2d(in_nf, nf)      # official Conv0_up (fused_scale=True)
+        self.conv1 = EqualizedConv2d(nf, nf, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = pixel_norm(leaky_relu(self.conv0(x)))                       # [N, nf, 2H, 2W]
+        return pixel_norm(leaky_relu(self.conv1(x)))
+
+
+class Generator(nn.Module):
+    """[N, latent_dim] latents -> [N, num_channels, res_px, res_px] images (linear output, no tanh)."""
+
+    def __init__(self, cfg: ModelConfig, res_px: int):
+        super().__init__()
+        self.cfg = cfg
+        self.res_px = _check_res(res_px)
+        self.blocks = nn.ModuleDict()
+        self.to_rgb = nn.ModuleDict()
+        # Interleaved creation order: with the same seed, the 4..R/2 weights of G(R) equal those of G(R/2).
+        for res in _resolutions(res_px):
+            if res == 4:
+                self.blocks["4"] = _GFirstBlock(cfg.latent_dim, cfg.nf(4))
+            else:
+                self.blocks[str(res)] = _GBlock(cfg.nf(res // 2), cfg.nf(res))
+            self.to_rgb[str(res)] = EqualizedConv2d(cfg.nf(res), cfg.num_channels, 1, gain=1.0)  # official ToRGB gain 1
+
+    def forward(self, z: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        if z.ndim != 2 or z.shape[1] != self.cfg.latent_dim:
+            raise ProganError(f"Generator expects latents [N, {self.cfg.latent_dim}], got {list(z.shape)}")
+        top = self.res_px
+        h = self.blocks["4"](z)
+        for res in _resolutions(top)[1:-1]:
+            h = self.blocks[str(res)](h)                                # up to res/2: [N, nf, R/2, R/2]
+        if top == 4:
+            return self.to_rgb["4"](h)
+        new = self.to_rgb[str(top)](self.blocks[str(top)](h))          # [N, C, R, R]
+        w = _fade_weight(alpha)
+        if w is None:
+            return new
+        old = upsample2x(self.to_rgb[str(top // 2)](h))                 # official Grow_lod: upscale2d(torgb(x))
+        return _lerp(old, new, w)
+
+
+# ------------------------------------------------------------------------------------------ discriminator
+
+class _DLastBlock(nn.Module):
+    """4x4: minibatch stddev -> conv3x3 -> LReLU -> dense to nf(stage 0) -> LReLU -> dense to 1 (gain 1)."""
+
+    def __init__(self, nf: int, nf_dense: int, mbstd_group_size: int):
+        super().__init__()
+        self.mbstd_group_size = mbstd_group_size
+        extra = 1 if mbstd_group_size > 1 else 0                        # official: `if mbstd_group_size > 1`
+        self.conv = EqualizedConv2d(nf + extra, nf, 3)
+        self.dense0 = EqualizedLinear(nf * 16, nf_dense)               # official Dense0: nf(res - 2) = nf(0)
+        self.dense1 = EqualizedLinear(nf_dense, 1, gain=1.0)           # official Dense1 gain=1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mbstd_group_size > 1:
+            x = minibatch_stddev(x, self.mbstd_group_size)             # [N, nf + 1, 4, 4]
+        x = leaky_relu(self.conv(x))
+        x = leaky_relu(self.dense0(x.flatten(1)))                       # NCHW flatten order, as tf.reshape
+        return self.dense1(x)                                           # [N, 1]
+
+
+class _DBlock(nn.Module):
+    """8x8 and up: conv3x3 -> LReLU -> conv3x3 -> 2x2 avg pool -> LReLU (conv1 + pool fused).
+
+    Follows the official default `fused_scale=True` (`Conv1_down`): bias and LReLU come AFTER the pooling.
+    The paper's Table 2 (and official fused_scale=False) pools after the LReLU; the code default differs.
+    """
+
+    def __init__(self, nf: int, out_nf: int):
+        super().__init__()
+        self.conv0 = EqualizedConv2d(nf, nf, 3)
+        self.conv1 = ConvDown2d(nf, out_nf)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = leaky_relu(self.conv0(x))
+        return leaky_relu(self.conv1(x))                                # [N, out_nf, H/2, W/2]
+
+
+class Discriminator(nn.Module):
+    """[N, num_channels, res_px, res_px] images -> [N] scores (linear, no sigmoid)."""
+
+    def __init__(self, cfg: ModelConfig, res_px: int):
+        super().__init__()
+        self.cfg = cfg
+        self.res_px = _check_res(res_px)
+        self.blocks = nn.ModuleDict()
+        self.from_rgb = nn.ModuleDict()
+        for res in _resolutions(res_px):
+            # official FromRGB: 1x1 conv, gain sqrt(2), then LReLU (applied in forward)
+            self.from_rgb[str(res)] = EqualizedConv2d(cfg.num_channels, cfg.nf(res), 1)
+            if res == 4:
+                self.blocks["4"] = _DLastBlock(cfg.nf(4), cfg.nf(2), cfg.mbstd_group_size)
+            else:
+                self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2))
+
+    def forward(self, x: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        top = self.res_px
+        want = (self.cfg.num_channels, top, top)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ProganError(f"Discriminator expects images [N, {', '.join(map(str, want))}], got {list(x.shape)}")
+        h = leaky_relu(self.from_rgb[str(top)](x))
+        if top > 4:
+            h = self.blocks[str(top)](h)                                # [N, nf(R/2), R/2, R/2]
+            w = _fade_weight(alpha)
+            if w is not None:
+                old = leaky_relu(self.from_rgb[str(top // 2)](downsample2x(x)))
+                h = _lerp(old, h, w)                                    # official Grow_lod: lerp on features
+            for res in reversed(_resolutions(top)[1:-1]):
+                h = self.blocks[str(res)](h)
+        return self.blocks["4"](h).squeeze(1)                           # [N]
+
+
+# ------------------------------------------------------------------------------------- growing, loading
+
+def load_grown(net: nn.Module, prev_state: Mapping[str, Tensor]) -> list[str]:
+    """Copy the state dict of the same kind of net at res/2 into `net` (at res); returns the new names.
+
+    Every key of `prev_state` must exist in `net` with the same shape (ProganError otherwise: usually the
+    model.* params changed between stages).
+    """
+    own = net.state_dict()
+    kind = type(net).__name__
+    unknown = [k for k in prev_state if k not in own]
+    if unknown:
+        raise ProganError(f"cannot grow the {kind}: the previous stage's state has {len(unknown)} keys this "
+                          f"{kind} lacks (first: {unknown[0]}); was it saved from a {kind}?")
+    for k, v in prev_state.items():
+        if not isinstance(v, Tensor) or tuple(v.shape) != tuple(own[k].shape):
+            got = list(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ProganError(f"cannot grow the {kind}: {k} has shape {got} in the previous stage but "
+                              f"{list(own[k].shape)} here; were model.* params changed between stages?")
+    with torch.no_grad():
+        for k, v in prev_state.items():
+            own[k].copy_(v)
+    return [k for k in own if k not in prev_state]
+
+
+def _read_checkpoint(path: Path, device) -> dict:
+    if not path.is_file():
+        raise ProganError(f"{path}: checkpoint not found; run the train stage that writes it first")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in first.lower() or "weights_only" in first.lower():
+            raise ProganError(f"{path}: refused: it holds pickled objects or code that weights_only loading does "
+                              f"not allow; it is not a progan checkpoint (do not load untrusted files)") from None
+        raise ProganError(f"{path}: not a progan checkpoint (cannot unpickle: {first[:120]})") from None
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({type(e).__name__}); "
+                          f"re-run the train stage that writes it") from None
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:160]
+        if "zip" in first.lower() or "central directory" in first.lower() or "truncat" in first.lower():
+            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({first}); "
+                              f"re-run the train stage that writes it") from None
+        raise ProganError(f"{path}: not a readable progan checkpoint ({first})") from None
+    except Exception as e:  # noqa: BLE001 - any other reader failure is a bad file, reported in one line
+        raise ProganError(f"{path}: not a readable progan checkpoint ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT, GENERATOR_FORMAT):
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ProganError(f"{path}: not a progan checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise ProganError(f"{path}: checkpoint version {obj.get('version')!r} is not supported (this code reads "
+                          f"version {CHECKPOINT_VERSION}); re-run the train stage")
+    for key in ("res_px", "model", "G_ema"):
+        if key not in obj:
+            raise ProganError(f"{path}: checkpoint lacks the key {key!r}; re-run the train stage")
+    return obj
+
+
+def load_generator(path, device="cpu") -> Generator:
+    """G_ema of a training checkpoint (or an exported `progan-generator` file) in eval mode, no grads.
+
+    Loaded with torch.load(weights_only=True): a file that tries to run code is refused.
+    """
+    path = Path(path)
+    ckpt = _read_checkpoint(path, "cpu")
+    model = ckpt["model"]
+    if not isinstance(model, dict):
+        raise ProganError(f"{path}: checkpoint 'model' must be a dict of ModelConfig fields")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(model) - names:
+        raise ProganError(f"{path}: checkpoint 'model' has unknown fields {sorted(set(model) - names)}")
+    try:
+        cfg = ModelConfig(**model)
+        G = Generator(cfg, ckpt["res_px"])
+    except ProganError as e:
+        raise ProganError(f"{path}: {e}") from None
+    state = ckpt["G_ema"]
+    if not isinstance(state, dict):
+        raise ProganError(f"{path}: checkpoint 'G_ema' is not a state dict")
+    try:
+        G.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ProganError(f"{path}: G_ema does not match a {ckpt['res_px']} px Generator with model {model} "
+                          f"({str(e).strip().splitlines()[0][:160]})") from None
+    return G.to(device).eval().requires_grad_(False)
