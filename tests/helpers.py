@@ -58,3 +58,30 @@ def tiny_params(folder: Path, size_px: int = 16, images: Path | None = None, **o
     data["evaluate"].update(num_images=64, msssim_pairs=16, batch=32)
     data["report"].update(grid_images=16, interpolation_steps=4)
     return write_params(folder, data, **overrides)
+
+
+def make_workspace(folder: Path) -> Path:
+    """A project folder like a user's checkout: Snakefile, workflow/, dvc.yaml, params.yaml and a copy of src/
+    (so tests may edit source files to prove that code changes re-run stages)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("Snakefile", "dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, folder / name)
+    shutil.copytree(REPO / "workflow", folder / "workflow", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "src", folder / "src", ignore=ignore)
+    return folder
+
+
+def tool_env() -> dict:
+    """Environment for running snakemake / dvc / progan as a user would (the venv's bin first on PATH)."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env.pop("PROGAN_MLFLOW_PARENT_RUN_ID", None)
+    return env

@@ -27,6 +27,13 @@ TOOLS = {
     "track-start": ("progan.tracking", "create the MLflow store, experiment and parent run before jobs start"),
     "dvc-yaml": ("progan.pipeline", "regenerate dvc.yaml from the stage table (pipeline.py) and params.yaml"),
 }
+# Commands that do not read params.yaml: name -> (module, function taking argv, help).
+STANDALONE = {
+    "demo": ("progan.demo", "main", "run the whole DAG to 32 px with tiny nets on a folder of images (CPU, minutes)"),
+    "generate": ("progan.generate", "generate_main", "PNG samples from a checkpoint's G_ema"),
+    "interpolate": ("progan.generate", "interpolate_main", "a GIF walking the latent sphere between seeds"),
+    "export": ("progan.generate", "export_main", "G_ema alone, small, loadable by progan.load_generator"),
+}
 RES_COMMANDS = {"train", "evaluate"}
 GPU_COMMANDS = {"crop", "train", "evaluate"}  # these take a GPU lease (see gpus.py)
 
@@ -51,8 +58,8 @@ def _gpu_lease(command: str, params):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="progan", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("demo", help="run the whole DAG to 32 px with tiny nets on a folder of images (CPU, minutes)",
-                   add_help=False)
+    for name, (_, _, help_text) in STANDALONE.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     for name, (module, help_text) in {**STAGES, **TOOLS}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", metavar="PATH",
@@ -81,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from progan import log, params as params_mod
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:  # the one command that makes its own params.yaml
-        from progan import demo
-
-        return demo.main(argv[1:])
+    if argv[:1] and argv[0] in STANDALONE:  # commands that do not read params.yaml parse their own flags
+        module, func, _ = STANDALONE[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
     args = _parser().parse_args(argv)
     log.setup()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")

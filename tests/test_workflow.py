@@ -1,0 +1,156 @@
+"""The DAG as users run it (issue #5): the full pipeline on ~200 real faces, downloaded from a local HTTP
+server, through real `snakemake` and real `dvc repro`, then the "only what changed" cases on both tools.
+
+Which jobs ran is read from the outputs themselves (a job that runs rewrites its outputs atomically, so their
+mtime_ns changes); the tools' own plans are checked too (`snakemake -n`, `dvc status`).
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import subprocess
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from progan import params as params_mod, paths, pipeline
+
+from helpers import CELEBA_DIR, make_workspace, tiny_params, tool_env
+
+pytestmark = pytest.mark.slow
+NUM_IMAGES = 200
+SIZE_PX = 16
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 serving a zip of real CelebA faces."""
+    root = tmp_path_factory.mktemp("www")
+    with zipfile.ZipFile(root / "faces.zip", "w") as zf:
+        for f in sorted(CELEBA_DIR.glob("*.jpg"))[:NUM_IMAGES]:
+            zf.write(f, f"faces/{f.name}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/faces.zip"
+    server.shutdown()
+
+
+def _workspace(tmp_path: Path, url: str) -> tuple[Path, object]:
+    ws = make_workspace(tmp_path / "ws")
+    tiny_params(ws, size_px=SIZE_PX, data__source="url", data__url=url, data__folder=None, data__max_images=None)
+    params = params_mod.load(ws / "params.yaml")
+    (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params))
+    return ws, params
+
+
+def _outputs(params) -> dict[str, list[str]]:
+    return {job.id: job.outs + job.metrics + job.plots for job in pipeline.stages(params)}
+
+
+def _stamp(ws: Path, params) -> dict[str, tuple]:
+    stamps = {}
+    for job_id, files in _outputs(params).items():
+        marks = []
+        for f in files:
+            p = ws / f
+            target = p / "manifest.csv" if p.is_dir() else p
+            marks.append(target.stat().st_mtime_ns if target.exists() else None)
+        stamps[job_id] = tuple(marks)
+    return stamps
+
+
+def _ran(before: dict, after: dict) -> set[str]:
+    return {job for job in after if after[job] != before.get(job)}
+
+
+def _edit(ws: Path, dotted: str, value) -> None:
+    path = ws / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _snakemake(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = ["snakemake", "--cores", "2", "-s", str(ws / "Snakefile"), "-d", str(ws), *args]
+    return subprocess.run(cmd, cwd=ws, env=tool_env(), capture_output=True, text=True, timeout=600)
+
+
+def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=ws, env=tool_env(), capture_output=True, text=True, timeout=600)
+
+
+def _check(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+RES = [4, 8, 16]
+ALL = {"download", "crop", "pyramid", "report"} | {f"{s}@{r}" for s in ("train", "evaluate") for r in RES}
+TRAINS = {"train@4", "train@8", "train@16"}
+EVALS = {"evaluate@4", "evaluate@8", "evaluate@16"}
+CASES = [
+    # (what to change, value, jobs Snakemake must run, jobs DVC must run)
+    ("train.stages.16.stabilize_kimg", 0.2, {"train@16", "evaluate@16", "report"}, {"train@16", "evaluate@16", "report"}),
+    ("crop.margin", 0.3, ALL - {"download"}, ALL - {"download"}),
+    ("evaluate.num_images", 48, EVALS | {"report"}, EVALS | {"report"}),
+    # A comment in the training code re-runs every training stage. Training is deterministic, so the
+    # checkpoints come out bit-identical: DVC (content hashes) then skips the evaluations, Snakemake (mtimes)
+    # re-runs them. The report reads train.json (wall-clock seconds) and re-runs under both.
+    ("code", None, TRAINS | EVALS | {"report"}, TRAINS | {"report"}),
+    ("nothing", None, set(), set()),
+]
+
+
+def _apply(ws: Path, what: str, value) -> None:
+    if what == "code":
+        loop = ws / "src/progan/train/loop.py"
+        loop.write_text(loop.read_text() + "\n# an edit to the training code\n")
+    elif what != "nothing":
+        _edit(ws, what, value)
+
+
+def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
+    ws, params = _workspace(tmp_path, image_server)
+    before = _stamp(ws, params)
+    _check(_snakemake(ws))
+    after = _stamp(ws, params)
+    assert _ran(before, after) == ALL
+    for r in RES:
+        assert (ws / paths.eval_json(r)).exists()
+    assert (ws / paths.REPORT_HTML).exists()
+    for what, value, expected, _ in CASES:
+        _apply(ws, what, value)
+        before = after
+        _check(_snakemake(ws))
+        after = _stamp(ws, params)
+        assert _ran(before, after) == expected, what
+    plan = _check(_snakemake(ws, "-n"))
+    assert "Nothing to be done" in plan
+
+
+def test_dvc_full_run_then_only_what_changed(tmp_path, image_server):
+    ws, params = _workspace(tmp_path, image_server)
+    _check(_dvc(ws, "init", "--no-scm", "-q"))
+    before = _stamp(ws, params)
+    _check(_dvc(ws, "repro"))
+    after = _stamp(ws, params)
+    assert _ran(before, after) == ALL
+    for what, value, _, expected in CASES:
+        _apply(ws, what, value)
+        before = after
+        _check(_dvc(ws, "repro"))
+        after = _stamp(ws, params)
+        assert _ran(before, after) == expected, what
+    status = _check(_dvc(ws, "status"))
+    assert "Data and pipelines are up to date" in status
+    metrics = _check(_dvc(ws, "metrics", "show"))
+    for r in RES:
+        assert paths.eval_json(r) in metrics
