@@ -93,7 +93,7 @@ def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
 
     Follows the official `minibatch_stddev_layer` exactly: G = min(group_size, N); the batch is reshaped to
     [G, M, C, H, W], so sample n belongs to group n % M (strided groups, not consecutive ones); population
-    variance over the group (divide by G), sqrt(var + 1e-8), mean over C, H, W, computed in fp32, then cast
+    variance over the group (divide by G), sqrt(var + 1e-8), mean over C, H, W, computed in >= fp32, then cast
     back and replicated over the group and pixels. [N, C, H, W] -> [N, C + 1, H, W].
     N must be divisible by G (the official code fails on the reshape otherwise); we raise ProganError.
     """
@@ -103,7 +103,7 @@ def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
         raise ProganError(
             f"minibatch stddev: batch of {n} is not divisible by the group size {g}; use a per-device batch "
             f"that is a multiple of model.mbstd_group_size ({group_size}) or smaller than it")
-    y = x.float().reshape(g, n // g, c, h, w)            # [GMCHW]
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(g, n // g, c, h, w)   # [GMCHW], >= fp32
     y = y - y.mean(dim=0, keepdim=True)                  # subtract the group mean
     y = y.square().mean(dim=0)                           # [MCHW] variance over the group
     y = (y + MBSTD_EPS).sqrt()                           # [MCHW] stddev

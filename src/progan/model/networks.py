@@ -267,29 +267,33 @@ def load_grown(net: nn.Module, prev_state: Mapping[str, Tensor]) -> list[str]:
     return [k for k in own if k not in prev_state]
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__
+
+
 def _read_checkpoint(path: Path, device) -> dict:
     if not path.is_file():
         raise ProganError(f"{path}: checkpoint not found; run the train stage that writes it first")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; a cut one has a zip header but no central directory at the end.
+    is_zip = head == b"PK\x03\x04"
+    if not head or (is_zip and not zipfile.is_zipfile(path)):
+        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({'empty file' if not head else 'incomplete zip'}); "
+                          f"re-run the train stage that writes it")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only" in first.lower() or "weights_only" in first.lower():
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise ProganError(f"{path}: refused: it holds pickled objects or code that weights_only loading does "
                               f"not allow; it is not a progan checkpoint (do not load untrusted files)") from None
-        raise ProganError(f"{path}: not a progan checkpoint (cannot unpickle: {first[:120]})") from None
-    except (EOFError, zipfile.BadZipFile) as e:
-        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({type(e).__name__}); "
-                          f"re-run the train stage that writes it") from None
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:160]
-        if "zip" in first.lower() or "central directory" in first.lower() or "truncat" in first.lower():
-            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({first}); "
-                              f"re-run the train stage that writes it") from None
-        raise ProganError(f"{path}: not a readable progan checkpoint ({first})") from None
+        raise ProganError(f"{path}: not a progan checkpoint ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - any other reader failure is a bad file, reported in one line
-        raise ProganError(f"{path}: not a readable progan checkpoint ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+        if is_zip:
+            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({_first_line(e)}); "
+                              f"re-run the train stage that writes it") from None
+        raise ProganError(f"{path}: not a progan checkpoint (not a torch.save file: {_first_line(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT, GENERATOR_FORMAT):
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ProganError(f"{path}: not a progan checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")

@@ -8,7 +8,7 @@
   `evaluate_loss(type='lsgan')`, which we follow exactly: reals are pushed to 0 and fakes to 1 with
   L2_fake_weight 0.1, D loss = mean(D(real)^2) + 0.1 * mean((D(fake) - 1)^2), G loss = mean(D(fake)^2).
 
-Scores are cast to fp32 before any reduction (official `fp32(...)`), so the losses are safe under bf16 autocast.
+Scores are cast to (at least) fp32 before any reduction (official `fp32(...)`), so the losses are safe under bf16 autocast.
 `fakes` are detached in the D loss: the D step never back-propagates into G.
 """
 from __future__ import annotations
@@ -27,6 +27,11 @@ LSGAN_FAKE_WEIGHT = 0.1   # official Theano train.py evaluate_loss L2_fake_weigh
 Critic = Callable[[Tensor, "float | Tensor"], Tensor]   # D(x, alpha) -> [N] scores
 
 
+def _fp32(t: Tensor) -> Tensor:
+    """At least fp32 (official `fp32(...)` casts scores; float64 stays float64 for exact tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ProganError(f"train.loss must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -43,9 +48,9 @@ def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Ten
         mix = torch.rand(n, 1, 1, 1, device=reals.device, dtype=torch.float32)
     mix = mix.reshape(n, 1, 1, 1).to(device=reals.device, dtype=reals.dtype)
     x_hat = torch.lerp(reals.detach(), fakes.detach().to(reals.dtype), mix).requires_grad_(True)
-    scores = D(x_hat, alpha).float()                                    # [N]
+    scores = _fp32(D(x_hat, alpha))                                    # [N]
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    norms = grad.float().square().sum(dim=tuple(range(1, grad.ndim))).sqrt()   # [N]
+    norms = _fp32(grad).square().sum(dim=tuple(range(1, grad.ndim))).sqrt()   # [N]
     return (norms - WGAN_TARGET).square().mean()
 
 
@@ -56,8 +61,8 @@ def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp"
     and reported as 0. D is called on reals and fakes separately (minibatch stddev groups never mix them)."""
     _check_kind(kind)
     fakes = fakes.detach()
-    real_scores = D(reals, alpha).float()                               # [N]
-    fake_scores = D(fakes, alpha).float()                               # [N]
+    real_scores = _fp32(D(reals, alpha))                               # [N]
+    fake_scores = _fp32(D(fakes, alpha))                               # [N]
     zero = real_scores.new_zeros(())
     if kind == "wgan-gp":
         drift = real_scores.square().mean()
@@ -74,7 +79,7 @@ def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp"
 def g_loss(D: Critic, fakes: Tensor, alpha, kind: str = "wgan-gp") -> Tensor:
     """The G loss (scalar): wgan-gp -mean(D(fake)) (official G_wgan_acgan); lsgan mean(D(fake)^2) (Theano)."""
     _check_kind(kind)
-    fake_scores = D(fakes, alpha).float()                               # [N]
+    fake_scores = _fp32(D(fakes, alpha))                               # [N]
     if kind == "wgan-gp":
         return -fake_scores.mean()
     return fake_scores.square().mean()

@@ -1,0 +1,105 @@
+"""Layer math against hand-computed values: equalized lr (§4.1), pixel norm (§4.2), minibatch stddev (§3)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from progan.errors import ProganError
+from progan.model.layers import (ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
+                                 minibatch_stddev, pixel_norm, upsample2x)
+
+
+def test_equalized_conv_scale_is_gain_over_sqrt_fan_in():
+    torch.manual_seed(0)
+    conv = EqualizedConv2d(16, 8, 3)                  # fan_in = 3 * 3 * 16 = 144 -> sqrt(2) / 12
+    assert conv.scale == pytest.approx(math.sqrt(2) / 12, rel=1e-15)
+    assert torch.count_nonzero(conv.bias) == 0
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(8.0))
+    x = torch.randn(2, 16, 5, 5)
+    ref = F.conv2d(x, conv.weight * (math.sqrt(2) / 12), conv.bias, padding=1)
+    assert torch.equal(conv(x), ref)
+    assert EqualizedConv2d(8, 3, 1, gain=1.0).scale == pytest.approx(1 / math.sqrt(8))   # toRGB
+
+
+def test_equalized_weights_are_standard_normal_at_init():
+    torch.manual_seed(0)
+    w = EqualizedConv2d(64, 64, 3).weight             # 36864 samples: mean 0 +- 0.005, std 1 +- 0.004
+    assert abs(w.mean().item()) < 0.03 and abs(w.std().item() - 1) < 0.03
+
+
+def test_equalized_linear_scale_and_optional_bias():
+    lin = EqualizedLinear(64, 4, gain=1.0)
+    assert lin.scale == 1 / 8
+    x = torch.randn(3, 64)
+    assert torch.equal(lin(x), F.linear(x, lin.weight / 8, lin.bias))
+    g_dense = EqualizedLinear(512, 8192, gain=math.sqrt(2) / 4, bias=False)   # G's 4x4 dense
+    assert g_dense.bias is None and g_dense.scale == pytest.approx(math.sqrt(2) / 4 / math.sqrt(512))
+
+
+def test_pixel_norm_on_a_known_vector():
+    x = torch.tensor([[3.0, 4.0]], dtype=torch.float64)          # mean square 12.5
+    expected = torch.tensor([[3.0, 4.0]], dtype=torch.float64) / math.sqrt(12.5 + 1e-8)
+    assert torch.allclose(pixel_norm(x), expected, rtol=0, atol=1e-15)
+    fmap = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1).repeat(2, 1, 2, 2)  # channel axis 1
+    out = pixel_norm(fmap)
+    assert torch.allclose(out[:, :, 1, 0], torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64) / math.sqrt(25 / 3 + 1e-8))
+    assert torch.equal(pixel_norm(torch.zeros(1, 4)), torch.zeros(1, 4))     # eps keeps zeros finite
+
+
+def test_minibatch_stddev_hand_made_batch_group_of_4():
+    # N = 8, G = 4 -> M = 2 groups, strided as in the official reshape: {0, 2, 4, 6} and {1, 3, 5, 7}.
+    x = torch.zeros(8, 2, 2, 2, dtype=torch.float64)
+    x[[0, 2, 4, 6], 0] = torch.tensor([1.0, 3.0, 5.0, 7.0], dtype=torch.float64).view(4, 1, 1)  # var 5
+    x[[1, 3, 5, 7], 0] = 2.0                                                                  # var 0
+    x[:, 1] = 9.0                                                                             # var 0
+    out = minibatch_stddev(x, 4)
+    assert out.shape == (8, 3, 2, 2)
+    assert torch.equal(out[:, :2], x)
+    tiny = math.sqrt(1e-8)                                   # sqrt(0 + eps)
+    group0 = (math.sqrt(5 + 1e-8) + tiny) / 2                # mean over C=2 (H, W constant)
+    group1 = (tiny + tiny) / 2
+    expected = torch.tensor([group0, group1] * 4, dtype=torch.float64)
+    assert torch.allclose(out[:, 2, 0, 0], expected, rtol=1e-12, atol=0)
+    assert torch.equal(out[:, 2], out[:, 2, :1, :1].expand(8, 2, 2))   # replicated over pixels
+
+
+def test_minibatch_stddev_small_batch_and_bad_batch():
+    x = torch.tensor([0.0, 2.0]).view(2, 1, 1, 1)           # N < group: G = N = 2, std 1
+    assert torch.allclose(minibatch_stddev(x, 4)[:, 1].flatten(), torch.full((2,), math.sqrt(1 + 1e-8)))
+    with pytest.raises(ProganError, match="not divisible"):
+        minibatch_stddev(torch.zeros(6, 1, 4, 4), 4)
+
+
+def test_up_and_down_sampling_values():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    up = upsample2x(x)
+    assert torch.equal(up[0, 0], torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]))
+    assert torch.equal(downsample2x(up), x)
+    assert downsample2x(x).item() == 2.5
+
+
+def test_fused_convs_equal_unfused_official_semantics():
+    torch.manual_seed(1)
+    up, down = UpConv2d(5, 7).double(), ConvDown2d(5, 7).double()
+    with torch.no_grad():
+        up.bias.normal_()
+        down.bias.normal_()
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    ref_up = F.conv2d(upsample2x(x), up.weight * up.scale, up.bias, padding=1)
+    assert torch.allclose(up(x), ref_up, rtol=0, atol=1e-12)
+    ref_down = downsample2x(F.conv2d(x, down.weight * down.scale, None, padding=1)) + down.bias.view(1, -1, 1, 1)
+    assert torch.allclose(down(x), ref_down, rtol=0, atol=1e-12)
+    assert up.scale == down.scale == pytest.approx(math.sqrt(2) / math.sqrt(45))
+
+
+def test_layers_under_channels_last_and_bf16_autocast():
+    torch.manual_seed(2)
+    conv, up = EqualizedConv2d(4, 4, 3), UpConv2d(4, 4)
+    x = torch.randn(2, 4, 8, 8)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(conv(xc), conv(x), atol=1e-5) and torch.allclose(up(xc), up(x), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = minibatch_stddev(pixel_norm(up(x)), 2)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 16, 16) and torch.isfinite(y.float()).all()

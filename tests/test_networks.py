@@ -1,0 +1,226 @@
+"""G_paper / D_paper structure, fade-in continuity, growing and checkpoint loading (tiny fmaps, CPU)."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from progan.errors import ProganError
+from progan.model import Discriminator, Generator, ModelConfig, fade_reals, load_generator, load_grown
+from progan.model.layers import downsample2x, upsample2x
+from progan.params import load as load_params
+
+TINY = ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16, mbstd_group_size=4)
+
+
+def _checkpoint(G, res_px, cfg=TINY, **extra):
+    import dataclasses
+    ckpt = {"format": "progan-checkpoint", "version": 1, "res_px": res_px, "model": dataclasses.asdict(cfg),
+            "G": G.state_dict(), "D": {}, "G_ema": G.state_dict(), "nimg": 0}
+    ckpt.update(extra)
+    return ckpt
+
+
+def test_nf_table_of_the_paper_config():
+    cfg = ModelConfig()
+    table = {res: cfg.nf(res) for res in [4, 8, 16, 32, 64, 128, 256, 512, 1024]}
+    assert table == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
+    assert cfg.nf(2) == 512                                   # stage 0: D's Dense0 width, latent size
+    assert TINY.nf(4) == 16 and TINY.nf(8) == 16 and TINY.nf(16) == 8 and TINY.nf(64) == 2
+
+
+def test_model_config_from_params_and_bad_values():
+    params = load_params("params.yaml")
+    cfg = ModelConfig.from_params(params)
+    assert cfg == ModelConfig(latent_dim=params.model.latent_dim, fmap_base=params.model.fmap_base,
+                              fmap_max=params.model.fmap_max, mbstd_group_size=params.model.mbstd_group_size)
+    with pytest.raises(ProganError, match="model.fmap_max"):
+        ModelConfig(fmap_max=0)
+    with pytest.raises(ProganError, match="model.fmap_base"):
+        ModelConfig(fmap_base=64).nf(1024)                    # 64 / 512 -> 0 feature maps
+    with pytest.raises(ProganError, match="power of two"):
+        Generator(TINY, 12)
+
+
+def test_parameter_count_of_the_paper_networks_at_1024():
+    # Official README: G 23.1M and D 23.1M parameters at 1024x1024 (every toRGB/fromRGB included).
+    with torch.device("meta"):
+        G, D = Generator(ModelConfig(), 1024), Discriminator(ModelConfig(), 1024)
+    n_G = sum(p.numel() for p in G.parameters())
+    n_D = sum(p.numel() for p in D.parameters())
+    assert n_G == 23_079_115 and n_D == 23_087_249
+    # Hand count of G: 4x4 dense 512*8192 + bias 512, 4x4 conv, 8..32 two 512->512 convs, then halving.
+    conv = lambda i, o, k=3: i * o * k * k + o                                       # noqa: E731
+    nf = [512, 512, 512, 512, 256, 128, 64, 32, 16]                                    # 4 .. 1024
+    hand = 512 * 8192 + 512 + conv(512, 512) + sum(conv(a, b) + conv(b, b) for a, b in zip(nf, nf[1:]))
+    hand += sum(conv(n, 3, 1) for n in nf)
+    assert n_G == hand
+
+
+@pytest.mark.parametrize("res", [4, 8, 16, 32, 64, 128, 256, 512, 1024])
+def test_shapes_at_every_resolution(res):
+    cfg = ModelConfig(latent_dim=8, fmap_base=2048, fmap_max=4, mbstd_group_size=2)   # 4 fmaps everywhere
+    torch.manual_seed(0)
+    G, D = Generator(cfg, res), Discriminator(cfg, res)
+    with torch.no_grad():
+        img = G(torch.randn(2, 8), alpha=0.5)
+        assert img.shape == (2, 3, res, res)
+        score = D(img, alpha=0.5)
+    assert score.shape == (2,) and torch.isfinite(score).all()
+    assert sorted(G.to_rgb.keys(), key=int) == [str(2**k) for k in range(2, res.bit_length())]
+    assert sorted(D.from_rgb.keys(), key=int) == sorted(D.blocks.keys(), key=int) == sorted(G.blocks.keys(), key=int)
+
+
+def test_generator_fade_in_at_alpha_0_is_exactly_the_upsampled_old_generator():
+    torch.manual_seed(0)
+    G8, G16 = Generator(TINY, 8), Generator(TINY, 16)
+    load_grown(G16, G8.state_dict())
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        old = upsample2x(G8(z))
+        assert torch.equal(G16(z, alpha=0.0), old)
+        assert torch.equal(G16(z, alpha=torch.tensor(0.0)), old)
+        assert torch.equal(G16(z, alpha=-3.0), old)                  # clipped like the official lerp_clip
+        full = G16(z)                                                # alpha 1: the new branch only
+        assert not torch.allclose(full, old)
+        assert torch.allclose(G16(z, alpha=0.25), old + 0.25 * (full - old), atol=1e-6)
+        assert torch.allclose(G16(z, alpha=torch.tensor(1.0)), full, atol=1e-6)
+
+
+def test_discriminator_fade_in_at_alpha_0_is_the_old_discriminator_on_pooled_input():
+    torch.manual_seed(0)
+    D8, D16 = Discriminator(TINY, 8), Discriminator(TINY, 16)
+    load_grown(D16, D8.state_dict())
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        old = D8(downsample2x(x))
+        assert torch.equal(D16(x, alpha=0.0), old)
+        assert torch.equal(D16(x, alpha=torch.tensor(0.0)), old)
+        assert not torch.allclose(D16(x, alpha=1.0), old)
+
+
+def test_generator_at_4px_has_no_fade_and_4x4_dense_bias_is_per_channel():
+    G = Generator(TINY, 4)
+    z = torch.randn(2, 16)
+    assert torch.equal(G(z, alpha=0.0), G(z, alpha=1.0))
+    assert G.blocks["4"].dense_bias.shape == (16,)               # official apply_bias after the reshape
+    assert G.blocks["4"].dense.scale == pytest.approx(2**0.5 / 4 / 4)   # gain sqrt(2)/4, fan_in 16
+
+
+def test_load_grown_subset_property_and_new_names():
+    torch.manual_seed(0)
+    for cls in (Generator, Discriminator):
+        small, big = cls(TINY, 8), cls(TINY, 16)
+        prev = small.state_dict()
+        assert set(prev) < set(big.state_dict())
+        new = load_grown(big, prev)
+        assert set(new) == set(big.state_dict()) - set(prev)
+        assert all(".16" in k or k.startswith(("blocks.16", "to_rgb.16", "from_rgb.16")) for k in new)
+        for k, v in prev.items():
+            assert torch.equal(big.state_dict()[k], v)
+    expected_G_new = {"blocks.16.conv0.weight", "blocks.16.conv0.bias", "blocks.16.conv1.weight",
+                      "blocks.16.conv1.bias", "to_rgb.16.weight", "to_rgb.16.bias"}
+    assert set(load_grown(Generator(TINY, 16), Generator(TINY, 8).state_dict())) == expected_G_new
+
+
+def test_load_grown_rejects_other_nets_and_changed_fmaps():
+    with pytest.raises(ProganError, match="lacks"):
+        load_grown(Generator(TINY, 16), Discriminator(TINY, 8).state_dict())
+    wider = ModelConfig(latent_dim=16, fmap_base=64, fmap_max=32)
+    with pytest.raises(ProganError, match="shape"):
+        load_grown(Generator(TINY, 16), Generator(wider, 8).state_dict())
+
+
+def test_weights_are_deterministic_given_the_seed():
+    torch.manual_seed(5)
+    a = Generator(TINY, 16).state_dict()
+    torch.manual_seed(5)
+    b = Generator(TINY, 16).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(5)
+    c = Generator(TINY, 8).state_dict()                         # same prefix of weights at a lower resolution
+    assert all(torch.equal(a[k], c[k]) for k in c)
+
+
+def test_fade_reals_hand_values():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    assert torch.equal(fade_reals(x, 1.0), x)
+    assert torch.equal(fade_reals(x, 0.0), torch.full((1, 1, 2, 2), 2.5))
+    assert torch.allclose(fade_reals(x, 0.5)[0, 0], torch.tensor([[1.75, 2.25], [2.75, 3.25]]))
+    assert torch.allclose(fade_reals(x, torch.tensor(0.5)), fade_reals(x, 0.5))
+
+
+def test_bad_inputs_raise_progan_error():
+    with pytest.raises(ProganError, match="latents"):
+        Generator(TINY, 8)(torch.randn(2, 15))
+    with pytest.raises(ProganError, match="images"):
+        Discriminator(TINY, 8)(torch.randn(4, 3, 16, 16))
+    with pytest.raises(ProganError, match="divisible"):
+        Discriminator(TINY, 8)(torch.randn(6, 3, 8, 8))
+
+
+def test_load_generator_round_trip(tmp_path):
+    torch.manual_seed(0)
+    G = Generator(TINY, 8)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_checkpoint(G, 8), path)
+    loaded = load_generator(path)
+    assert isinstance(loaded, Generator) and loaded.res_px == 8 and loaded.cfg == TINY and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(z), G(z))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('PROGAN_EVIL_MARKER', '/nonexistent/x')}",))
+
+
+def test_load_generator_errors(tmp_path, monkeypatch):
+    G = Generator(TINY, 8)
+    good = tmp_path / "good.pt"
+    torch.save(_checkpoint(G, 8), good)
+
+    with pytest.raises(ProganError, match="not found") as e:
+        load_generator(tmp_path / "missing.pt")
+    assert "missing.pt" in str(e.value)
+
+    for name, keep_bytes in [("half.pt", good.stat().st_size // 2), ("cut.pt", good.stat().st_size - 10),
+                             ("empty.pt", 0)]:
+        cut = tmp_path / name
+        cut.write_bytes(good.read_bytes()[:keep_bytes])
+        with pytest.raises(ProganError, match="truncated or corrupt") as e:
+            load_generator(cut)
+        assert str(e.value).startswith(str(cut)) and "\n" not in str(e.value)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a checkpoint\n")
+    with pytest.raises(ProganError, match="notes.txt: not a progan checkpoint"):
+        load_generator(text)
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ProganError, match="not a progan checkpoint"):
+        load_generator(other)
+
+    old = tmp_path / "old.pt"
+    torch.save(_checkpoint(G, 8, version=2), old)
+    with pytest.raises(ProganError, match="version 2"):
+        load_generator(old)
+
+    mismatch = tmp_path / "mismatch.pt"
+    torch.save(_checkpoint(G, 16), mismatch)                      # 8 px weights, claims 16 px
+    with pytest.raises(ProganError, match="does not match"):
+        load_generator(mismatch)
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PROGAN_EVIL_MARKER", str(marker))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"format": "progan-checkpoint", "payload": _Evil()}, protocol=2))
+    with pytest.raises(ProganError, match="refused"):
+        load_generator(evil)
+    torch.save({"format": "progan-checkpoint", "payload": _Evil()}, evil)   # the same inside a torch zip file
+    with pytest.raises(ProganError, match="refused"):
+        load_generator(evil)
+    assert not marker.exists()
