@@ -165,6 +165,7 @@ def extract(archive_path: str | os.PathLike, dest: str | os.PathLike, *,
         total = check_bomb(members, archive_path.stat().st_size, name,
                            max_total_bytes=max_total_bytes, max_ratio=max_ratio)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the unpacked tree is an ordinary readable folder
         with _open(archive_path, fmt, stream=True) as arc:
             if fmt == "tar":
                 members = _members(arc, name)  # same checks again, on the stream being written
