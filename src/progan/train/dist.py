@@ -123,3 +123,12 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (RNG states for the snapshot)."""
+    if env.world <= 1:
+        return [obj]
+    out = [None] * env.world
+    torch_dist.all_gather_object(out, obj)
+    return out

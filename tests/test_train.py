@@ -1,0 +1,252 @@
+"""The training stage (train/loop.py, data.py, state.py) on tiny nets and a small real CelebA pyramid.
+
+`make_project` is shared with test_resume.py / test_dist.py: a project folder with params.yaml (tiny nets:
+latent 16, fmap_base 64, fmap_max 16) and data/pyramid/{4,8}.npy from 64 CelebA images downscaled with PIL.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from progan import params as params_mod, paths
+from progan.errors import ProganError
+from progan.train import data, loop, state
+
+from helpers import CELEBA_DIR, tiny_params
+
+# MLflow is pointed at a path that cannot be created: tracking fails in milliseconds and training goes on.
+NO_MLFLOW = "sqlite:////proc/progan-no-mlflow/mlflow.db"
+
+
+def _stage(batch, transition_kimg, stabilize_kimg, lr=0.001):
+    return {"batch": batch, "lr": lr, "transition_kimg": transition_kimg, "stabilize_kimg": stabilize_kimg}
+
+
+def make_project(root: Path, n_images: int = 64, stages: dict | None = None, **overrides) -> Path:
+    """params.yaml (crop.size 8, tiny nets) + the real 4 and 8 px pyramid levels; returns the params path."""
+    stages = stages or {"4": _stage(8, 0, 0.1), "8": _stage(8, 0.05, 0.05)}
+    overrides = {"train__tick_kimg": 0.05, "train__snapshot_kimg": 0.1,
+                 "mlflow__tracking_uri": f"sqlite:///{root}/mlflow.db", **overrides}
+    path = tiny_params(root, size_px=8, train__stages=stages, **overrides)
+    top = []
+    for f in sorted(CELEBA_DIR.glob("*.jpg"))[:n_images]:
+        im = Image.open(f).convert("RGB")
+        w, h = im.size
+        t = (h - w) // 2
+        top.append(np.asarray(im.crop((0, t, w, t + w)).resize((8, 8), Image.BOX)))
+    top = np.stack(top)                                                        # [N, 8, 8, 3] uint8
+    levels = {8: top, 4: np.rint(top.reshape(-1, 4, 2, 4, 2, 3).mean(axis=(2, 4))).astype(np.uint8)}
+    for res, arr in levels.items():
+        out = root / paths.pyramid_level(res)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=arr.shape)
+        mm[:] = arr
+        mm.flush()
+        del mm
+    return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny nets on a shared 2-core machine: one intra-op thread is far faster (no OpenMP spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    path = make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with one_thread():
+        yield params_mod.load(path)
+
+
+# ---------------------------------------------------------------------------------------------- unit tests
+
+def test_ema_update_math():
+    G = torch.nn.Linear(1, 1, bias=False)
+    G_ema = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        G.weight.fill_(1.0)
+        G_ema.weight.fill_(0.0)
+    loop.ema_update(G_ema, G, decay=0.9)              # 0 + (1 - 0) * 0.1
+    assert G_ema.weight.item() == pytest.approx(0.1)
+    with torch.no_grad():
+        G.weight.fill_(2.0)
+    loop.ema_update(G_ema, G, decay=0.9)              # 0.1 + (2 - 0.1) * 0.1 = 0.29
+    assert G_ema.weight.item() == pytest.approx(0.29)
+    loop.ema_update(G_ema, G, decay=1.0)              # decay 1: frozen
+    assert G_ema.weight.item() == pytest.approx(0.29)
+
+
+def test_sampler_is_a_function_of_nimg():
+    a, b = data.Sampler(10, seed=3, res_px=8, mirror=True), data.Sampler(10, seed=3, res_px=8, mirror=True)
+    idx_a, flip_a = a.indices(16, 4)
+    idx_b, flip_b = b.indices(16, 4)                  # fresh sampler, same nimg: same batch (resume)
+    assert idx_a.tolist() == idx_b.tolist() and flip_a.tolist() == flip_b.tolist()
+    # One epoch = each image once; positions 10..19 are the next epoch's permutation.
+    ep0 = np.concatenate([a.indices(n, 2)[0] for n in range(0, 10, 2)])
+    assert sorted(ep0.tolist()) == list(range(10))
+    ep1 = a.indices(10, 10)[0]
+    assert sorted(ep1.tolist()) == list(range(10)) and ep1.tolist() != ep0.tolist()
+    # A batch straddling the epoch boundary = end of epoch 0 + start of epoch 1.
+    assert a.indices(8, 4)[0].tolist() == ep0[8:].tolist() + ep1[:2].tolist()
+    assert data.Sampler(10, 3, 8, mirror=False).indices(0, 10)[1].sum() == 0
+    assert data.Sampler(10, 4, 8, mirror=True).indices(0, 10)[0].tolist() != ep0.tolist()   # other seed
+
+
+def test_to_device_range_layout_and_flip():
+    x = torch.zeros(2, 2, 3, 3, dtype=torch.uint8)        # [N, H, W, C]
+    x[:, :, 0, :] = 255                                   # left column white
+    out = data.to_device(x, torch.tensor([False, True]), torch.device("cpu"))
+    assert out.shape == (2, 3, 2, 3) and out.dtype == torch.float32
+    assert out[0, :, :, 0].eq(1.0).all() and out[0, :, :, 1:].eq(-1.0).all()
+    assert out[1, :, :, 2].eq(1.0).all() and out[1, :, :, :2].eq(-1.0).all()   # flipped: right column
+
+
+def test_batches_prefetch_equals_inline_and_splits_ranks_strided():
+    images = np.arange(12 * 2 * 2 * 3, dtype=np.uint8).reshape(12, 2, 2, 3)
+    s = data.Sampler(12, 0, 2, mirror=True)
+    inline = [(n, x.clone(), f.clone()) for n, x, f in data.Batches(images, s, 4, 0, 20, prefetch=0)]
+    threaded = list(data.Batches(images, s, 4, 0, 20, prefetch=2))
+    assert [n for n, _, _ in inline] == [0, 4, 8, 12, 16]
+    for (n1, x1, f1), (n2, x2, f2) in zip(inline, threaded):
+        assert n1 == n2 and torch.equal(x1, x2) and torch.equal(f1, f2)
+    idx, _ = s.indices(4, 4)
+    r1 = next(iter(data.Batches(images, s, 4, 4, 8, rank=1, world=2, prefetch=0)))[1]
+    assert torch.equal(r1, torch.from_numpy(images[idx[1::2]]))
+
+
+def test_pyramid_level_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProganError, match=r"data/pyramid/8.npy not found: run `progan pyramid` first"):
+        data.open_level(8)
+    Path("data/pyramid").mkdir(parents=True)
+    np.save("data/pyramid/8.npy", np.zeros((3, 4, 4, 3), np.uint8))
+    with pytest.raises(ProganError, match=r"expected uint8 \[N, 8, 8, 3\], got uint8 \[3, 4, 4, 3\]"):
+        data.open_level(8)
+
+
+def test_rng_state_round_trip_survives_weights_only(tmp_path):
+    import random
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    st = state.get_rng_state()
+    state.save(tmp_path / "rng.pt", {"rng": st})
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    st = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
+    state.set_rng_state(st)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
+
+
+def test_remap_optimizer_state_by_name():
+    prev = {"state": {0: {"step": torch.tensor(3.0)}, 1: {"step": torch.tensor(4.0)}},
+            "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    out = state.remap_optimizer_state(prev, ["a", "b"], ["a", "new", "b"])
+    assert out["state"][0]["step"] == 3.0 and out["state"][2]["step"] == 4.0 and 1 not in out["state"]
+    assert out["param_groups"][0]["params"] == [0, 1, 2] and out["param_groups"][0]["lr"] == 0.1
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+def test_train_4_then_8(project):
+    p = project
+    info4 = loop.run(p, res=4)
+    ck4_path = Path(paths.checkpoint(4))
+    for f in (ck4_path, paths.train_json(4), paths.losses_tsv(4), paths.samples_png(4)):
+        assert Path(f).is_file(), f
+    assert not Path(paths.resume_dir(4)).exists()                 # resume state removed at the end
+    ck4 = torch.load(ck4_path, weights_only=True)
+    assert ck4["format"] == "progan-checkpoint" and ck4["version"] == 1 and ck4["res_px"] == 4
+    assert ck4["cur_nimg"] == 104 and ck4["total_kimg"] == pytest.approx(0.104)   # 13 minibatches of 8
+    assert ck4["prev_checkpoint_sha256"] is None and ck4["alpha"] == 1.0
+    assert ck4["model"]["latent_dim"] == 16 and ck4["params"]["train"]["stages"]["4"]["batch"] == 8
+    assert ck4["opt_G"]["param_groups"][0]["betas"] == (0.0, 0.99)
+    assert info4["kimg"] == pytest.approx(0.104)
+
+    rows = Path(paths.losses_tsv(4)).read_text().splitlines()
+    assert rows[0].split("\t") == loop.LOSS_COLUMNS
+    assert [r.split("\t")[1] for r in rows[1:]] == ["0.056", "0.104"]           # ticks of 0.05 kimg
+    tj = json.loads(Path(paths.train_json(4)).read_text())
+    assert set(tj["final"]) == {"d_loss", "g_loss", "gp", "d_real", "d_fake"} and tj["seconds"] > 0
+    assert all(np.isfinite(list(tj["final"].values())))
+    grid = np.asarray(Image.open(paths.samples_png(4)))
+    assert grid.shape == (16, 16, 3) and grid.dtype == np.uint8                  # 16 images, 4x4 grid of 4 px
+    # The grid is G_ema on the fixed latents, uint8 via x*127.5+127.5 rounded and clipped.
+    nets4 = loop.build_networks(p, 4)
+    nets4.G_ema.load_state_dict(ck4["G_ema"])
+    with torch.no_grad():
+        expect = nets4.G_ema(loop.fixed_latents(p, 16)).mul(127.5).add(127.5).round().clamp(0, 255)
+    assert np.array_equal(grid[:4, :4], expect[0].permute(1, 2, 0).to(torch.uint8).numpy())
+    assert np.array_equal(grid[4:8, 12:16], expect[7].permute(1, 2, 0).to(torch.uint8).numpy())
+
+    # Stage 8 starts from stage 4: every stage-4 tensor is loaded as is; G_ema's new layers copy G's.
+    nets8 = loop.build_networks(p, 8)
+    assert nets8.prev_sha256 == state.sha256_file(ck4_path)
+    for name in ("G", "D", "G_ema"):
+        own = getattr(nets8, name).state_dict()
+        for k, v in ck4[name].items():
+            assert torch.equal(own[k], v), (name, k)
+    g8, ema8 = nets8.G.state_dict(), nets8.G_ema.state_dict()
+    assert nets8.grown_keys and all(torch.equal(g8[k], ema8[k]) for k in nets8.grown_keys)
+    assert any(not torch.equal(ck4["G_ema"][k], ck4["G"][k]) for k in ck4["G"])  # EMA really differs from G
+
+    info8 = loop.run(p, res=8)
+    ck8 = torch.load(paths.checkpoint(8), weights_only=True)
+    assert ck8["prev_checkpoint_sha256"] == state.sha256_file(ck4_path)
+    assert ck8["cur_nimg"] == 104 and ck8["total_kimg"] == pytest.approx(0.208)
+    assert info8["grown_keys"] == len(nets8.grown_keys)
+    rows8 = [r.split("\t") for r in Path(paths.losses_tsv(8)).read_text().splitlines()[1:]]
+    # 50 transition images = minibatches at 0..48 (alpha = nimg / 50); the first tick ends after the one at 48.
+    assert [(r[2], float(r[3])) for r in rows8] == [("transition", 0.96), ("stabilize", 1.0)]
+    assert float(rows8[0][0]) == pytest.approx(0.104 + 0.056)                   # total kimg continues
+    assert np.asarray(Image.open(paths.samples_png(8))).shape == (32, 32, 3)
+    # The 4x4 block moved on during stage 8 (it was trained, not frozen).
+    assert not torch.equal(ck8["G"]["blocks.4.conv.weight"], ck4["G"]["blocks.4.conv.weight"])
+
+    # MLflow (real SQLite store in the project): one metric row per tick with the step in images.
+    con = sqlite3.connect(p.root / "mlflow.db")
+    steps = [r[0] for r in con.execute("select step from metrics where key='d_loss' order by step")]
+    con.close()
+    assert steps == [56, 104, 160, 208]
+
+
+def test_missing_previous_stage(project):
+    with pytest.raises(ProganError) as e:
+        loop.run(project, res=8)
+    assert str(e.value) == "results/4/checkpoint.pt not found: run `progan train --res 4` first"
+
+
+def test_damaged_previous_checkpoint(project):
+    Path("results/4").mkdir(parents=True)
+    Path(paths.checkpoint(4)).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ProganError, match=r"results/4/checkpoint.pt: truncated or not a progan checkpoint"):
+        loop.run(project, res=8)
+    state.save(paths.checkpoint(4), {"format": "progan-checkpoint", "version": 7})
+    with pytest.raises(ProganError, match=r"checkpoint version 7, this code reads version 1"):
+        loop.run(project, res=8)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    """lr 1e30: the first Adam step moves every weight by ~1e30, the next forward overflows."""
+    path = make_project(tmp_path, stages={"4": _stage(8, 0, 0.1, lr=1e30), "8": _stage(8, 0.05, 0.05)},
+                        mlflow__tracking_uri=NO_MLFLOW)
+    monkeypatch.chdir(tmp_path)
+    with one_thread(), pytest.raises(ProganError) as e:
+        loop.run(params_mod.load(path), res=4)
+    msg = str(e.value)
+    assert msg.startswith("train 4 px: non-finite loss (") and "at stage kimg 0.056 (stabilize)" in msg
+    assert "no snapshot yet" in msg and "lower train.stages.4.lr" in msg and "\n" not in msg
+    assert not Path(paths.checkpoint(4)).exists()
