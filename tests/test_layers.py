@@ -44,7 +44,8 @@ def test_pixel_norm_on_a_known_vector():
     assert torch.allclose(pixel_norm(x), expected, rtol=0, atol=1e-15)
     fmap = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1).repeat(2, 1, 2, 2)  # channel axis 1
     out = pixel_norm(fmap)
-    assert torch.allclose(out[:, :, 1, 0], torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64) / math.sqrt(25 / 3 + 1e-8))
+    expected = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64) / math.sqrt(25 / 3 + 1e-8)
+    assert torch.allclose(out[:, :, 1, 0], expected)
     assert torch.equal(pixel_norm(torch.zeros(1, 4)), torch.zeros(1, 4))     # eps keeps zeros finite
 
 

@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,16 @@ def test_model_config_from_params_and_bad_values():
         ModelConfig(fmap_base=64).nf(1024)                    # 64 / 512 -> 0 feature maps
     with pytest.raises(ProganError, match="power of two"):
         Generator(TINY, 12)
+    with pytest.raises(ProganError, match="power of two"):
+        Discriminator(TINY, 8.0)
+    assert Generator(TINY, np.int64(8)).res_px == 8 and type(Generator(TINY, np.int64(8)).res_px) is int
+
+
+def test_mbstd_group_size_1_disables_the_layer():
+    D = Discriminator(ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16, mbstd_group_size=1), 8)
+    assert D.blocks["4"].conv.weight.shape[1] == 16                     # no extra stddev feature map
+    assert D(torch.randn(3, 3, 8, 8)).shape == (3,)                     # any batch size then
+    assert Discriminator(TINY, 8).blocks["4"].conv.weight.shape[1] == 17
 
 
 def test_parameter_count_of_the_paper_networks_at_1024():
@@ -170,6 +181,12 @@ def test_load_generator_round_trip(tmp_path):
     z = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(loaded(z), G(z))
+    exported = tmp_path / "G.pt"                                   # an export: G_ema alone
+    ckpt = _checkpoint(G, 8, format="progan-generator")
+    del ckpt["G"], ckpt["D"]
+    torch.save(ckpt, exported)
+    with torch.no_grad():
+        assert torch.equal(load_generator(exported)(z), G(z))
 
 
 class _Evil:

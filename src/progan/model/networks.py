@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -36,9 +37,13 @@ MAX_RES_PX = 1024
 
 
 def _check_res(res_px: int, minimum: int = 4) -> int:
-    if not isinstance(res_px, int) or res_px < minimum or res_px > MAX_RES_PX or res_px & (res_px - 1):
+    try:
+        res = operator.index(res_px)            # ints and numpy ints; not floats or bools
+    except TypeError:
+        res = 0
+    if isinstance(res_px, bool) or res < minimum or res > MAX_RES_PX or res & (res - 1):
         raise ProganError(f"resolution must be a power of two in [{minimum}, {MAX_RES_PX}] px, got {res_px!r}")
-    return res_px
+    return res
 
 
 def _resolutions(res_px: int) -> list[int]:
@@ -67,8 +72,7 @@ class ModelConfig:
 
     def nf(self, res_px: int) -> int:
         """Feature maps at `res_px` (official `nf(stage)` with stage = log2(res_px) - 1; res_px 2 = stage 0)."""
-        _check_res(res_px, minimum=2)
-        stage = res_px.bit_length() - 2
+        stage = _check_res(res_px, minimum=2).bit_length() - 2
         n = min(int(self.fmap_base / 2.0**stage), self.fmap_max)
         if n < 1:
             raise ProganError(f"model.fmap_base {self.fmap_base} gives 0 feature maps at {res_px} px; "
@@ -146,7 +150,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleDict()
         self.to_rgb = nn.ModuleDict()
         # Interleaved creation order: with the same seed, the 4..R/2 weights of G(R) equal those of G(R/2).
-        for res in _resolutions(res_px):
+        for res in _resolutions(self.res_px):
             if res == 4:
                 self.blocks["4"] = _GFirstBlock(cfg.latent_dim, cfg.nf(4))
             else:
@@ -217,7 +221,7 @@ class Discriminator(nn.Module):
         self.res_px = _check_res(res_px)
         self.blocks = nn.ModuleDict()
         self.from_rgb = nn.ModuleDict()
-        for res in _resolutions(res_px):
+        for res in _resolutions(self.res_px):
             # official FromRGB: 1x1 conv, gain sqrt(2), then LReLU (applied in forward)
             self.from_rgb[str(res)] = EqualizedConv2d(cfg.num_channels, cfg.nf(res), 1)
             if res == 4:
@@ -280,8 +284,8 @@ def _read_checkpoint(path: Path, device) -> dict:
     # torch.save writes a zip archive; a cut one has a zip header but no central directory at the end.
     is_zip = head == b"PK\x03\x04"
     if not head or (is_zip and not zipfile.is_zipfile(path)):
-        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({'empty file' if not head else 'incomplete zip'}); "
-                          f"re-run the train stage that writes it")
+        why = "empty file" if not head else "incomplete zip"
+        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({why}); re-run the train stage that writes it")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -8,7 +8,8 @@
   `evaluate_loss(type='lsgan')`, which we follow exactly: reals are pushed to 0 and fakes to 1 with
   L2_fake_weight 0.1, D loss = mean(D(real)^2) + 0.1 * mean((D(fake) - 1)^2), G loss = mean(D(fake)^2).
 
-Scores are cast to (at least) fp32 before any reduction (official `fp32(...)`), so the losses are safe under bf16 autocast.
+Scores are cast to (at least) fp32 before any reduction (official `fp32(...)`), so the losses are safe under
+bf16 autocast.
 `fakes` are detached in the D loss: the D step never back-propagates into G.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Ten
     ([N] or [N, 1, 1, 1]) when given. create_graph=True so the penalty itself is trained."""
     n = reals.shape[0]
     if fakes.shape != reals.shape:
-        raise ProganError(f"gradient penalty: reals {list(reals.shape)} and fakes {list(fakes.shape)} differ in shape")
+        raise ProganError(f"gradient penalty: reals {list(reals.shape)} and fakes {list(fakes.shape)} "
+                          f"differ in shape")
     if mix is None:
         mix = torch.rand(n, 1, 1, 1, device=reals.device, dtype=torch.float32)
     mix = mix.reshape(n, 1, 1, 1).to(device=reals.device, dtype=reals.dtype)
