@@ -6,6 +6,11 @@ keyed by resolution in `nn.ModuleDict`s (`blocks.4`, `blocks.8`, `to_rgb.4`, ...
 res/2 net is a subset of the res one (`load_grown`). `alpha` in [0, 1] fades in the top block (paper §2,
 Fig. 2; 1 = fully grown), which the official code expresses as `lod`: alpha = 1 - (lod_in - lod).
 
+Alpha may be a Python number (1.0 skips the fading-out branch) or a 0-dim tensor (both branches always
+computed: no recompiles under torch.compile as alpha changes). Values outside [0, 1] are clipped (lerp_clip).
+
+Where paper and code differ we follow the official code default (fused_scale=True): in D's blocks the bias and
+LReLU come after the 2x2 pooling (paper Table 2 lists Conv, Conv, Downsample).
 Deviations from the official code (all flagged where they happen):
 - the fused up/down convs build their 4x4 kernel so they equal upsample+conv3x3 / conv3x3+pool with the SAME
   3x3 weight (see layers.UpConv2d);
