@@ -1,0 +1,265 @@
+"""Sliced Wasserstein distance (paper §5, Appendix D) in torch: batched, on CUDA when present.
+
+Same metric as the official `metrics/sliced_wasserstein.py` (tkarras/progressive_growing_of_gans) and
+its port `swd_reference.py`, with the same random choices (`draw_centres`, `draw_directions`):
+- Laplacian pyramid of the uint8-range float images, 5x5 [1,4,6,4,1]^2/256 kernel, mirror padding,
+  levels res, res/2, ..., 16 px; the 16 px level is the low-pass residual;
+- 128 random 7x7x3 neighbourhoods per image per level (147 values), each level's set normalised per
+  colour channel to mean 0 / std 1 (each image set on its own);
+- 4 repeats x 128 unit Gaussian directions: project, sort, mean |difference|, mean over repeats;
+- reported x1e3 per level (`swd_128`, ..., `swd_16`) and their mean (`swd_avg`), as the paper's tables.
+Stages below 16 px (4 and 8 px): there is one level, the image itself treated as the residual, so the
+result has `swd_4` (or `swd_8`) and `swd_avg` equal to it. At 4 px a 7x7 neighbourhood does not fit:
+3x3x3 neighbourhoods (27 values) are used there, so 4 px values are not comparable with the others.
+
+Memory. Like the official code this keeps EVERY descriptor (no subsampling: the value is exactly the
+paper's), but one pyramid level at a time: images stream through in batches once per level (an array or
+a memmap is read again, never held whole), so RAM holds one level's descriptors per set, N x 128 x 147
+float32 (1.2 GB per set for 16384 images), plus projections for a few directions at a time. With
+`spill_dir` set, descriptor sets larger than `ram_bytes` live in an unlinked temp file there (np.memmap),
+so resident memory stays bounded by `ram_bytes` + the projection chunk for any number of images.
+Deviation: a constant colour channel (std 0) normalises to 0 instead of the official NaN.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from progan.metrics.swd_reference import draw_centres, draw_directions, level_sizes_px, nhood_px
+
+_KERNEL_1D = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)   # [1,4,6,4,1]/16; outer product = official 5x5 / 256
+DEFAULT_RAM_BYTES = 4 << 30          # descriptor sets above this go to spill_dir (when given)
+_PROJ_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}   # per set: [directions chunk, M] float32 projections
+_ROW_CHUNK = 65536                   # descriptors per matmul
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- Laplacian pyramid ----------------------------------------------------------------------------------
+# The 5x5 kernel and the mirror padding are both separable, so each pyramid operation on an S x S image is
+# M @ x @ M^T with a small banded matrix M that has the mirror edges folded in. On the CPU two GEMMs beat
+# torch's single-channel conv2d / strided adds by 3-6x (measured here), and they are just as good on CUDA.
+
+def _mirror(j: int, s: int) -> int:
+    """scipy.ndimage mode='mirror' (= torch 'reflect'): ... c b | a b c ... | x y | x ..."""
+    if j < 0:
+        j = -j
+    if j > s - 1:
+        j = 2 * (s - 1) - j
+    return j
+
+
+def down_matrix(s: int) -> np.ndarray:
+    """[s/2, s]: official pyr_down along one axis (blur [1,4,6,4,1]/16 with mirror padding, keep even)."""
+    m = np.zeros((s // 2, s))
+    for i in range(s // 2):
+        for t in range(-2, 3):
+            m[i, _mirror(2 * i + t, s)] += _KERNEL_1D[t + 2]
+    return m
+
+
+def up_matrix(s: int) -> np.ndarray:
+    """[2s, s]: official pyr_up along one axis (zeros between samples, blur 2 x [1,4,6,4,1]/16, mirror)."""
+    m = np.zeros((2 * s, s))
+    for o in range(2 * s):
+        for t in range(-2, 3):
+            q = _mirror(o + t, 2 * s)
+            if q % 2 == 0:
+                m[o, q // 2] += 2 * _KERNEL_1D[t + 2]
+    return m
+
+
+@lru_cache(maxsize=32)
+def _level_matrices(res_px: int, level: int, last: bool, device: torch.device):
+    """(P, B): level-`level` low-pass = P x P^T ([S, R]); band-pass = low - B low B^T ([S, S]) unless last."""
+    p = np.eye(res_px)
+    for _ in range(level):
+        p = down_matrix(p.shape[0]) @ p
+    s = p.shape[0]
+    b = None if last else up_matrix(s // 2) @ down_matrix(s)
+    as_t = lambda m: None if m is None else torch.from_numpy(m.astype(np.float32)).to(device)
+    return as_t(p), as_t(b)
+
+
+def _apply2d(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """m @ x @ m^T on each [S, S] plane of x [N, C, S, S] -> [N, C, T, T]."""
+    return torch.matmul(m, torch.matmul(x, m.T))
+
+
+def pyr_down(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, S, S] -> [N, C, S/2, S/2]: official pyr_down (scipy convolve mode='mirror', keep every 2nd)."""
+    return _apply2d(x, torch.from_numpy(down_matrix(x.shape[-1]).astype(np.float32)).to(x.device))
+
+
+def pyr_up(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, S, S] -> [N, C, 2S, 2S]: official pyr_up (insert zeros, kernel x4, mirror)."""
+    return _apply2d(x, torch.from_numpy(up_matrix(x.shape[-1]).astype(np.float32)).to(x.device))
+
+
+def pyramid_level(x: torch.Tensor, level: int, num_levels: int) -> torch.Tensor:
+    """Level `level` of the Laplacian pyramid of [N, C, R, R] float images (the last level is low-pass)."""
+    p, b = _level_matrices(int(x.shape[-1]), level, level == num_levels - 1, x.device)
+    low = x if level == 0 else _apply2d(x, p)
+    return low if b is None else low - _apply2d(low, b)
+
+
+def get_descriptors(level: torch.Tensor, centres: torch.Tensor, nhood: int) -> torch.Tensor:
+    """[N, C, S, S] level, centres [N, P, 2] (y, x) -> [N * P, C * nhood * nhood], layout (c, y, x)."""
+    n, c, s, _ = level.shape
+    h = nhood // 2
+    off = torch.arange(-h, h + 1, device=level.device)
+    y = centres[:, :, 0].reshape(n, -1, 1, 1, 1) + off.view(1, 1, 1, -1, 1)     # [N, P, 1, k, 1]
+    x = centres[:, :, 1].reshape(n, -1, 1, 1, 1) + off.view(1, 1, 1, 1, -1)     # [N, P, 1, 1, k]
+    plane = (torch.arange(n, device=level.device).view(n, 1, 1, 1, 1) * c
+             + torch.arange(c, device=level.device).view(1, 1, c, 1, 1))         # [N, 1, C, 1, 1]
+    idx = (plane * s + y) * s + x                                                 # [N, P, C, k, k]
+    return level.reshape(-1)[idx.reshape(-1)].view(-1, c * nhood * nhood)
+
+
+# ---- one level's descriptors of one image set ------------------------------------------------------------
+
+def _empty(rows: int, cols: int, spill_dir, ram_bytes: int) -> torch.Tensor:
+    if spill_dir is None or rows * cols * 4 <= ram_bytes:
+        return torch.empty(rows, cols)
+    f = tempfile.TemporaryFile(dir=spill_dir, prefix=".swd-")   # unlinked at once: nothing left on a crash
+    return torch.from_numpy(np.memmap(f, np.float32, "w+", shape=(rows, cols)))
+
+
+@torch.no_grad()
+def level_descriptors(images, side: int, level: int, *, seed: int, per_image: int, batch: int,
+                      device: torch.device, spill_dir=None, ram_bytes: int = DEFAULT_RAM_BYTES,
+                      tick: Callable[[int], None] | None = None):
+    """Descriptors of pyramid level `level` for uint8 images [N, R, R, 3] (array-like, sliced in batches).
+
+    Returns (desc [N * per_image, D] float32 on the CPU, mean [C], std [C]) with the per-channel
+    statistics in float64 (std 0 -> 1).
+    """
+    n, res = len(images), int(images.shape[1])
+    sizes = level_sizes_px(res)
+    size, k = sizes[level], nhood_px(sizes[level])
+    dim = 3 * k * k
+    out = _empty(n * per_image, dim, spill_dir, ram_bytes)
+    s1 = torch.zeros(3, dtype=torch.float64, device=device)
+    s2 = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device)
+        x = x.permute(0, 3, 1, 2).float()                                        # [B, 3, R, R], 0..255
+        lvl = pyramid_level(x, level, len(sizes))
+        centres = torch.from_numpy(draw_centres(seed, side, level, start, stop, size, per_image)).to(device)
+        desc = get_descriptors(lvl, centres, k)                                  # [B * P, D]
+        ch = desc.view(-1, 3, k * k).double()         # float64: float32 sums move SWD by ~2e-5 relative
+        s1 += ch.sum(dim=(0, 2))
+        s2 += ch.square().sum(dim=(0, 2))
+        out[start * per_image:stop * per_image] = desc.cpu()
+        if tick is not None:
+            tick(stop - start)
+    count = n * per_image * k * k
+    mean = s1 / count
+    std = (s2 / count - mean.square()).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return out, mean.cpu(), std.cpu()
+
+
+# ---- distance ------------------------------------------------------------------------------------------
+
+def _sort_rows_(proj: torch.Tensor, threads: int) -> torch.Tensor:
+    """Sort each row of [d, M] in place. On the CPU numpy's SIMD quicksort is ~7x faster than torch.sort
+    (measured here: 11 vs 81 ns per element for 2M floats), so the CPU path sorts with numpy."""
+    if proj.is_cuda:
+        return torch.sort(proj, dim=1).values
+    rows = proj.numpy()
+    if threads > 1 and rows.shape[0] > 1:
+        with ThreadPoolExecutor(threads) as pool:        # np.sort releases the GIL
+            list(pool.map(lambda r: r.sort(), rows))
+    else:
+        rows.sort(axis=1)
+    return proj
+
+
+def _sorted_projections(desc: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dirs: torch.Tensor,
+                        device: torch.device) -> torch.Tensor:
+    """Sorted projections of the normalised descriptors on unit directions dirs [D, d]: [d, M]."""
+    m, dim = desc.shape
+    kk = dim // 3
+    mean_row = mean.repeat_interleave(kk).float().to(device)                     # [D]
+    w = (dirs.double() / std.repeat_interleave(kk)[:, None]).float().to(device)   # normalisation folded in
+    proj = torch.empty(dirs.shape[1], m, device=device)
+    for r0 in range(0, m, _ROW_CHUNK):
+        a = desc[r0:r0 + _ROW_CHUNK].to(device, non_blocking=True) - mean_row    # [rows, D]
+        proj[:, r0:r0 + a.shape[0]] = (a @ w).T
+    return _sort_rows_(proj, torch.get_num_threads())
+
+
+@torch.no_grad()
+def sliced_wasserstein(a, b, directions: np.ndarray, device: torch.device | None = None) -> float:
+    """Mean over repeats and directions of mean |sort(a_n @ dir) - sort(b_n @ dir)| (not x1e3).
+
+    a, b: (desc [M, D], mean [C], std [C]) from `level_descriptors`, or plain [M, D] tensors/arrays
+    (their statistics are computed here); directions [R, D, K] from `draw_directions`.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    a, b = _with_stats(a), _with_stats(b)
+    m, dim = a[0].shape
+    if a[0].shape != b[0].shape:
+        raise ValueError(f"descriptor sets must have the same [M, D] shape, got {tuple(a[0].shape)} "
+                         f"and {tuple(b[0].shape)}")
+    reps, _, per_rep = directions.shape
+    all_dirs = torch.from_numpy(np.ascontiguousarray(directions.transpose(1, 0, 2).reshape(dim, -1)))
+    chunk = max(1, min(all_dirs.shape[1], _PROJ_BYTES[device.type] // (4 * m)))
+    total = 0.0
+    for d0 in range(0, all_dirs.shape[1], chunk):
+        w = all_dirs[:, d0:d0 + chunk]
+        pa = _sorted_projections(*a, w, device)
+        pb = _sorted_projections(*b, w, device)
+        total += float(pa.sub_(pb).abs_().sum(dtype=torch.float64))
+        del pa, pb
+    return total / (m * reps * per_rep)
+
+
+def _with_stats(x):
+    if isinstance(x, tuple):
+        return x
+    t = torch.as_tensor(x, dtype=torch.float32)
+    ch = t.view(t.shape[0], 3, -1).double()
+    mean = ch.mean(dim=(0, 2))
+    std = ch.std(dim=(0, 2), correction=0)
+    return t, mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
+def swd(a, b, *, descriptors_per_image: int = 128, directions: int = 128, repeats: int = 4, seed: int = 0,
+        batch: int = 256, device: torch.device | str | None = None, spill_dir=None,
+        ram_bytes: int = DEFAULT_RAM_BYTES, tick: Callable[[int], None] | None = None) -> dict[str, float]:
+    """SWD x1e3 between two uint8 image sets [N, R, R, 3] (arrays or memmaps, same N and R).
+
+    Returns {"swd_<R>": ..., ..., "swd_16": ..., "swd_avg": ...}. `a` uses centre stream side 0, `b`
+    side 1, so `swd(reals, fakes)` equals `swd_reference.swd(reals, fakes)` with the same seed.
+    `tick(n)` is called after every batch (n images) for progress bars: 2 x levels x N calls in all.
+    """
+    if len(a) != len(b) or tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        raise ValueError(f"need the same number and size of images, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) < 1 or a.shape[1] != a.shape[2] or a.shape[3] != 3:
+        raise ValueError(f"images must be [N, R, R, 3] with N >= 1, got {tuple(a.shape)}")
+    device = torch.device(device) if device is not None else default_device()
+    sizes = level_sizes_px(int(a.shape[1]))
+    opts = dict(seed=seed, per_image=descriptors_per_image, batch=batch, device=device, spill_dir=spill_dir,
+                ram_bytes=ram_bytes, tick=tick)
+    result = {}
+    for li, size in enumerate(sizes):
+        da = level_descriptors(a, 0, li, **opts)
+        db = level_descriptors(b, 1, li, **opts)
+        dirs = draw_directions(seed, li, da[0].shape[1], repeats, directions)
+        result[f"swd_{size}"] = sliced_wasserstein(da, db, dirs, device) * 1e3
+        del da, db
+    result["swd_avg"] = float(np.mean([result[f"swd_{s}"] for s in sizes]))
+    if not all(math.isfinite(v) for v in result.values()):
+        raise ValueError(f"SWD is not finite: {result}")
+    return result
