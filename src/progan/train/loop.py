@@ -17,6 +17,7 @@ import dataclasses
 import io
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -321,7 +322,10 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
         log.warning("train %d px: %s was made with other %s; starting the stage over", res, resume_path,
                     ", ".join(k for k in key if snap["key"].get(k) != key[k]))
         snap = None
-    torch.manual_seed(_seed(params.seed, res, 4, env.rank))   # global RNG (gradient-penalty epsilon), per rank
+    # Global RNGs (not used by the training math, which draws from cur_nimg; seeded so checkpoints reproduce).
+    torch.manual_seed(_seed(params.seed, res, 4, env.rank))
+    np.random.seed(_seed(params.seed, res, 6, env.rank) % 2**32)
+    random.seed(_seed(params.seed, res, 7, env.rank))
     if snap is not None:
         changed = [k for k, v in params.to_dict()["train"].items() if snap["params"]["train"].get(k) != v]
         if changed:
