@@ -1,0 +1,156 @@
+"""`progan evaluate`: end to end on a tiny real checkpoint and real CelebA reals, MLflow in a real SQLite store."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import CELEBA_DIR, tiny_params
+from progan import cli, paths
+from progan import evaluate as E
+from progan import params as params_mod
+from progan.errors import ProganError
+from progan.model.networks import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Generator, ModelConfig
+
+RES = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_reals(root, n: int, res: int = RES) -> np.ndarray:
+    faces = []
+    for f in sorted(CELEBA_DIR.glob("*.jpg"))[:n]:
+        with Image.open(f) as im:
+            faces.append(np.asarray(im.convert("RGB").crop((0, 20, 178, 198)).resize((res, res), Image.BOX)))
+    arr = np.stack(faces)
+    (root / paths.PYRAMID_DIR).mkdir(parents=True, exist_ok=True)
+    np.save(root / paths.pyramid_level(res), arr)
+    return arr
+
+
+def write_checkpoint(root, res: int = RES, total_kimg: float = 1.5) -> Generator:
+    torch.manual_seed(0)
+    cfg = ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16)
+    G = Generator(cfg, res)
+    path = root / paths.checkpoint(res)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "res_px": res,
+                "model": dataclasses.asdict(cfg), "G_ema": G.state_dict(), "total_kimg": total_kimg}, path)
+    return G.eval()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    p = tiny_params(tmp_path, size_px=RES)          # evaluate: num_images 64, msssim_pairs 16, batch 32
+    write_reals(tmp_path, 80)
+    write_checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return p
+
+
+def test_to_uint8_is_the_official_conversion():
+    x = torch.tensor([-1.0, -1.2, 0.0, 0.5, 1.0, 3.0, -0.996]).view(1, 1, 1, -1).expand(1, 3, 1, 7)
+    # x * 127.5 + 127.5 = 0, -25.5, 127.5, 191.25, 255, 510, 0.51 -> rounded (half to even), clipped
+    assert E.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255, 1]
+
+
+def test_latents_do_not_depend_on_count():
+    assert torch.equal(E.latents(5, 10, 16)[:4], E.latents(5, 4, 16))
+
+
+def test_cli_end_to_end_writes_eval_json_and_mlflow(project, tmp_path):
+    assert cli.main(["evaluate", "--params", str(project), "--res", str(RES)]) == 0
+    result = json.loads((tmp_path / paths.eval_json(RES)).read_text())
+    assert result["res_px"] == RES and result["num_images"] == 64 and result["num_reals_available"] == 80
+    assert set(result["swd"]) == set(result["swd_real_vs_real"]) == {"swd_16", "swd_avg"}
+    assert result["swd"]["swd_avg"] == result["swd"]["swd_16"] > 0
+    # an untrained generator is far from the faces; two halves of the same faces are close
+    assert result["swd"]["swd_avg"] > 3 * result["swd_real_vs_real"]["swd_avg"]
+    assert 0 <= result["msssim_fake"] <= 1 and 0 <= result["msssim_real"] <= 1
+    assert result["msssim_pairs_fake"] == 16 and result["msssim_pairs_real"] == 16
+    assert result["total_kimg"] == 1.5 and result["seconds"] > 0
+    assert not [f for f in (tmp_path / paths.stage_dir(RES)).iterdir() if f.name.startswith(".")]  # no temp left
+
+    from mlflow import MlflowClient
+
+    from progan import tracking
+    p = params_mod.load(project)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(p))
+    runs = client.search_runs([client.get_experiment_by_name(p.mlflow.experiment).experiment_id])
+    child = [r for r in runs if "swd_avg" in r.data.metrics]
+    assert len(child) == 1 and child[0].info.status == "FINISHED"
+    assert child[0].data.metrics["swd_avg"] == pytest.approx(result["swd"]["swd_avg"])
+    assert child[0].data.metrics["msssim_fake"] == pytest.approx(result["msssim_fake"])
+    steps = [m.step for m in client.get_metric_history(child[0].info.run_id, "swd_avg")]
+    assert steps == [1500]                                                       # step = total images
+
+
+def test_same_numbers_whatever_the_batch(project, tmp_path):
+    """Latents, reals, SWD centres and MS-SSIM pairs do not depend on evaluate.batch."""
+    a = E.evaluate(params_mod.load(project), RES)
+    b = E.evaluate(params_mod.load(tiny_params(tmp_path, size_px=RES, evaluate__batch=6)), RES)
+    for key in ("swd", "swd_real_vs_real", "msssim_fake", "msssim_real", "num_images"):
+        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+
+
+def test_fakes_are_the_checkpoint_generator_output(project, tmp_path):
+    """The images scored are G_ema(latents(seed)) in uint8; MS-SSIM of the pairs is recomputed from them."""
+    from progan.metrics import msssim
+    G = write_checkpoint(tmp_path)
+    z = E.latents(123, 32, 16)
+    fakes, score = E.generate(G, z, 20, 16, 8, torch.device("cpu"), RES, str(tmp_path))
+    with torch.no_grad():
+        expected = E.to_uint8(G(z))
+    np.testing.assert_array_equal(fakes, expected[:20])
+    assert score == pytest.approx(msssim.msssim(expected[0::2], expected[1::2], device="cpu"), rel=1e-12)
+
+
+def test_fewer_reals_than_requested_uses_all_and_records_it(tmp_path, monkeypatch):
+    p = tiny_params(tmp_path, size_px=8, evaluate__num_images=64)
+    write_reals(tmp_path, 30, res=8)
+    write_checkpoint(tmp_path, res=8)
+    monkeypatch.chdir(tmp_path)
+    result = E.evaluate(params_mod.load(p), 8)
+    assert result["num_images"] == 30 and result["num_images_requested"] == 64
+    assert result["swd_real_vs_real_images"] == 15 and result["msssim_pairs_real"] == 15
+    assert set(result["swd"]) == {"swd_8", "swd_avg"}                     # one level below 16 px
+    assert all(math.isfinite(v) for v in result["swd"].values())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_checkpoint", "results/16/checkpoint.pt: checkpoint not found"),
+    ("no_pyramid", "data/pyramid/16.npy: no real images at 16 px; run `progan pyramid` first"),
+    ("bad_pyramid", "data/pyramid/16.npy: expected uint8 [N, 16, 16, 3], got uint8 [10, 8, 8, 3]"),
+    ("bad_res", "--res 32: not a training resolution; crop.size 16 gives 4, 8, 16"),
+    ("wrong_generator", "results/16/checkpoint.pt: holds a 8 px generator, expected 16 px"),
+])
+def test_errors_are_one_line_and_keep_previous_results(project, tmp_path, capsys, case, message):
+    old = tmp_path / paths.eval_json(RES)
+    old.write_text('{"old": true}\n')
+    if case == "no_checkpoint":
+        (tmp_path / paths.checkpoint(RES)).unlink()
+    elif case == "no_pyramid":
+        (tmp_path / paths.pyramid_level(RES)).unlink()
+    elif case == "bad_pyramid":
+        np.save(tmp_path / paths.pyramid_level(RES), np.zeros((10, 8, 8, 3), np.uint8))
+    elif case == "wrong_generator":
+        write_checkpoint(tmp_path, res=8)
+        (tmp_path / paths.checkpoint(8)).replace(tmp_path / paths.checkpoint(RES))
+    res = 32 if case == "bad_res" else RES
+    assert cli.main(["evaluate", "--params", str(project), "--res", str(res)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"progan evaluate: error: {message}"), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert old.read_text() == '{"old": true}\n'
