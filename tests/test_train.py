@@ -213,6 +213,9 @@ def test_train_4_then_8(project):
     assert [(r[2], float(r[3])) for r in rows8] == [("transition", 0.96), ("stabilize", 1.0)]
     assert float(rows8[0][0]) == pytest.approx(0.104 + 0.056)                   # total kimg continues
     assert np.asarray(Image.open(paths.samples_png(8))).shape == (32, 32, 3)
+    # Adam was reset at the start of the stabilize phase (official reset_opt_for_new_lod): minibatches 56..96.
+    assert {float(st["step"]) for st in ck8["opt_G"]["state"].values()} == {6.0}
+    assert {float(st["step"]) for st in ck8["opt_D"]["state"].values()} == {6.0}
     # The 4x4 block moved on during stage 8 (it was trained, not frozen).
     assert not torch.equal(ck8["G"]["blocks.4.conv.weight"], ck4["G"]["blocks.4.conv.weight"])
 
@@ -250,3 +253,19 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     assert msg.startswith("train 4 px: non-finite loss (") and "at stage kimg 0.056 (stabilize)" in msg
     assert "no snapshot yet" in msg and "lower train.stages.4.lr" in msg and "\n" not in msg
     assert not Path(paths.checkpoint(4)).exists()
+
+
+def test_optimizer_state_carried_across_stages_by_name(tmp_path, monkeypatch):
+    """reset_opt_each_phase false: Adam moments of the 4x4 layers continue in stage 8; new layers start fresh."""
+    path = make_project(tmp_path, stages={"4": _stage(8, 0, 0.016), "8": _stage(8, 0.008, 0.016)},
+                        mlflow__tracking_uri=NO_MLFLOW, train__reset_opt_each_phase=False)
+    monkeypatch.chdir(tmp_path)
+    p = params_mod.load(path)
+    with one_thread():
+        loop.run(p, res=4)                                          # 2 minibatches
+        loop.run(p, res=8)                                          # 1 + 2 minibatches, no reset in between
+    ck8 = torch.load(paths.checkpoint(8), weights_only=True)
+    names = [n for n, _ in loop.build_networks(p, 8).G.named_parameters()]
+    steps = {names[i]: float(st["step"]) for i, st in ck8["opt_G"]["state"].items()}
+    assert steps["blocks.4.conv.weight"] == 5.0 and steps["blocks.8.conv1.weight"] == 3.0
+    assert "to_rgb.4.weight" in steps and steps["to_rgb.4.weight"] == 3.0   # 2 at 4 px + 1 in the fade (unused at alpha 1)

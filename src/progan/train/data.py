@@ -87,8 +87,8 @@ def to_device(batch_u8: torch.Tensor, flip: torch.Tensor, device: torch.device,
     Official process_reals: adjust_dynamic_range([0, 255] -> [-1, 1]) then MirrorAugment (reverse width).
     """
     x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)
-    f = flip.to(device, non_blocking=True)
-    if bool(f.any()):
+    if bool(flip.any()):                              # checked on the host tensor: no device sync
+        f = flip.to(device, non_blocking=True)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return x

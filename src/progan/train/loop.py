@@ -8,6 +8,14 @@ row and maybe a snapshot once per tick. Multi-GPU: see dist.py; rank 0 alone wri
 
 Outputs (all atomic): results/<R>/checkpoint.pt, train.json, losses.tsv, samples.png. Mid-stage state:
 results/<R>/.resume/snapshot.pt every train.snapshot_kimg, deleted when the stage finishes.
+
+Randomness: data order, flips, latents and gradient-penalty factors are pure functions of (seed, R, cur_nimg)
+(data.py, `latents`, `gp_mix`), so a resumed or multi-GPU run draws exactly what a single uninterrupted one
+does. train.num_workers: 0 = batches read inline, > 0 = one prefetch thread (memmap gathers are cheap).
+MLflow goes through progan.tracking, guarded: training never fails because of it (tracking attaches
+samples.png / train.json / losses.tsv itself when the stage ends).
+Deviations: the schedule is evaluated every minibatch (official: every 4); Adam's reset is done by
+building new optimizers.
 """
 from __future__ import annotations
 
@@ -257,11 +265,13 @@ class _Tracking:
 # The stage.
 
 def _configure_determinism(deterministic: bool, use_cuda: bool) -> None:
+    """CPU: deterministic algorithms (resumed runs are bit-identical). CUDA: the same, but warn-only, since some
+    backward kernels the nets need (nearest upsampling) have no deterministic CUDA version and would raise."""
     if deterministic:
         if use_cuda:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=use_cuda)
     elif use_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -277,11 +287,12 @@ def train_stage(params, res: int, use_cuda: bool) -> dict:
     env = dist.init(use_cuda)
     device = env.device
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    prev_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     _configure_determinism(tp.deterministic, use_cuda)
     try:
         return _train(params, res, tp, env, device)
     finally:
-        torch.use_deterministic_algorithms(prev_deterministic)
+        torch.use_deterministic_algorithms(prev_deterministic, warn_only=prev_warn_only)
         dist.shutdown(env)
 
 

@@ -1,0 +1,176 @@
+"""Training throughput (img/s) per resolution, with a per-step breakdown, on this machine's CPU (or CUDA).
+
+Two configs: the tests' tiny nets (latent 16, fmap_base 64, fmap_max 16) and the paper's 512-channel nets
+(latent 512, fmap_base 8192, fmap_max 512), at small resolutions, a few minibatches each. The step is the
+one of train/loop.py (`train_step`), re-timed part by part with the same calls:
+    data  sampler + memmap gather + uint8 -> float on the device + fade_reals
+    G_fwd  G forward for the D step (no graph)
+    D_fwd  D on reals and fakes (d_loss without penalty);  D_bwd  its backward
+    GP     gradient penalty forward + its double backward
+    opt_D / opt_G  Adam steps;  G_step  G forward + D forward + backward for the G loss;  EMA  G_ema lerp
+Real data: a pyramid built from CelebA images (../shared/data/celeba-aligned-2k) in bench/out/.
+
+    .venv/bin/python bench/bench_train.py [--steps 4] [--threads N] [--paper-res 4 8] [--tiny-res 4 8 16 32]
+Writes bench/out/bench_train.json. The machine may be shared: figures vary with the load.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from progan import params as params_mod, paths  # noqa: E402
+from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals  # noqa: E402
+from progan.train import data, loop  # noqa: E402
+from progan.train.loss import d_loss, g_loss, gradient_penalty  # noqa: E402
+
+CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
+OUT = REPO / "bench" / "out"
+CONFIGS = {"tiny": dict(latent_dim=16, fmap_base=64, fmap_max=16),
+           "paper": dict(latent_dim=512, fmap_base=8192, fmap_max=512)}
+PARTS = ["data", "G_fwd", "D_fwd", "D_bwd", "GP", "opt_D", "G_step", "opt_G", "EMA"]
+
+
+def make_root(root: Path, top_px: int, n_images: int, model: dict, batch: int) -> Path:
+    """params.yaml + data/pyramid/<r>.npy for r = 4..top_px from real CelebA images (center square, PIL box)."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["crop"]["size"] = top_px
+    p["model"].update(model)
+    p["train"]["stages"] = {str(r): {"batch": batch, "lr": 0.001, "transition_kimg": 0 if r == 4 else 1,
+                                     "stabilize_kimg": 1} for r in [2**k for k in range(2, top_px.bit_length())]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    files = sorted(CELEBA.glob("*.jpg"))[:n_images]
+    for r in [2**k for k in range(2, top_px.bit_length())]:
+        out = root / paths.pyramid_level(r)
+        if out.is_file() and np.load(out, mmap_mode="r").shape[0] == len(files):
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(files), r, r, 3))
+        for i, f in enumerate(files):
+            im = Image.open(f).convert("RGB")
+            w, h = im.size
+            t = (h - w) // 2
+            arr[i] = np.asarray(im.crop((0, t, w, t + w)).resize((r, r), Image.BOX))
+        arr.flush()
+        del arr
+    return root / "params.yaml"
+
+
+class Timer:
+    def __init__(self, device):
+        self.device, self.t = device, {k: 0.0 for k in PARTS}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.t[name] += time.perf_counter() - t0
+
+
+def bench_res(params, res: int, steps: int, device: torch.device) -> dict:
+    tp, batch = params.train, int(params.stage(res).batch)
+    cfg = ModelConfig.from_params(params)
+    torch.manual_seed(0)
+    G, D = Generator(cfg, res).to(device), Discriminator(cfg, res).to(device)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    opt_G, opt_D = loop.make_optimizer(G, params, res), loop.make_optimizer(D, params, res)
+    images = data.open_level(res)
+    sampler = data.Sampler(len(images), params.seed, res, True)
+    alpha = 0.5 if res > 4 else 1.0
+    timer = Timer(device)
+    for step in range(steps + 1):                                        # step 0 = warm-up, not timed
+        if step == 1:
+            timer.t = {k: 0.0 for k in PARTS}
+            wall0 = time.perf_counter()
+        nimg = step * batch
+        with timer("data"):
+            idx, flip = sampler.indices(nimg, batch)
+            reals = data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip), device)
+            reals = fade_reals(reals, alpha) if res > 4 else reals
+            z_d = loop.latents(params.seed, res, nimg, 2, batch, cfg.latent_dim).to(device)
+            z_g = loop.latents(params.seed, res, nimg, 3, batch, cfg.latent_dim).to(device)
+            mix = loop.gp_mix(params.seed, res, nimg, batch).to(device)
+        D.requires_grad_(True)
+        with timer("G_fwd"), torch.no_grad():
+            fakes = G(z_d, alpha)
+        with timer("D_fwd"):
+            loss, _ = d_loss(D, reals, fakes, alpha, tp.loss, 0.0, tp.drift_weight)
+        opt_D.zero_grad(set_to_none=True)
+        with timer("D_bwd"):
+            loss.backward()
+        with timer("GP"):
+            (tp.gp_weight * gradient_penalty(D, reals, fakes, alpha, mix=mix)).backward()
+        with timer("opt_D"):
+            opt_D.step()
+        D.requires_grad_(False)
+        with timer("G_step"):
+            lg = g_loss(D, G(z_g, alpha), alpha, tp.loss)
+            opt_G.zero_grad(set_to_none=True)
+            lg.backward()
+        with timer("opt_G"):
+            opt_G.step()
+        with timer("EMA"):
+            loop.ema_update(G_ema, G, tp.ema_decay)
+    wall = time.perf_counter() - wall0
+    per_step_ms = {k: 1000 * v / steps for k, v in timer.t.items()}
+    return {"res_px": res, "batch": batch, "steps": steps, "img_s": steps * batch / wall,
+            "step_ms": 1000 * wall / steps, "parts_ms": per_step_ms,
+            "G_params": sum(p.numel() for p in G.parameters()), "D_params": sum(p.numel() for p in D.parameters())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=4, help="timed minibatches per resolution (after 1 warm-up)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tiny-res", type=int, nargs="*", default=[4, 8, 16, 32])
+    ap.add_argument("--paper-res", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--paper-steps", type=int, default=2)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    cwd = os.getcwd()
+    for name, res_list, steps in (("tiny", args.tiny_res, args.steps), ("paper", args.paper_res, args.paper_steps)):
+        if not res_list:
+            continue
+        params_path = make_root(OUT / f"train_{name}", max(max(res_list), 8), 64, CONFIGS[name], args.batch)
+        os.chdir(params_path.parent)
+        try:
+            params = params_mod.load(params_path)
+            for res in res_list:
+                r = {"config": name, **bench_res(params, res, steps, device)}
+                results.append(r)
+                parts = " ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
+                print(f"{name:5s} {res:3d}px batch {r['batch']}: {r['img_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step"
+                      f"  [{parts}] ms", flush=True)
+        finally:
+            os.chdir(cwd)
+    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "note": "shared machine: figures vary with load"}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
