@@ -1,0 +1,406 @@
+"""`progan crop`: one aligned face crop per source image -> data/faces/images/<k:06d>.png + manifest.csv.
+
+Reads paths.IMAGES_LIST (TSV `path<TAB>bytes` from the download stage; paths relative to the project root or
+absolute). Every input image gets one manifest row: kept (with its score, box, landmarks and crop file) or
+skipped (with the reason: unreadable file, too small, no face, ...). Kept crops are numbered 0..K-1 in input
+order. The stage fails only when the kept fraction is below crop.min_kept_fraction.
+
+Detectors (crop.detector):
+  mtcnn-torch  MTCNN in PyTorch (progan.data.mtcnn), batched, CUDA when present
+  mtcnn-tf     the `mtcnn` package's own TensorFlow MTCNN (imported lazily; slow, for cross-checks)
+  celeba-box   the fixed CelebA crop box (25, 57, 153, 185) of 178x218 aligned images, no detection
+  center       the largest centred square
+Which face: the most confident one with p >= crop.min_confidence, ties broken by area.
+
+Alignment (MTCNN detectors): the square is rotated so the eyes are level and centred on the point a quarter
+of the way from the eye midpoint to the mouth midpoint (the centre of the official CelebA box). Its side is
+`face_px * (1 + 2 * crop.margin)` with `face_px = max(2.2 * eye distance, 2.1 * eye-to-mouth distance)`,
+about the MTCNN box width (the FFHQ recipe, NVlabs/ffhq-dataset download_ffhq.py, uses 2.0 and 1.8 for its
+quad); with the default margin 0.25 this gives the official 128 px crop on aligned CelebA. Parts outside the
+image are mirrored (as in FFHQ), the square is sampled at its own resolution (bicubic) and then resized to
+crop.size with Lanczos.
+
+Outputs are built in a temp folder beside data/faces and renamed into place at the end, so a killed run
+leaves the previous data/faces (or none), never half of one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from progan import paths
+from progan.errors import ProganError
+from progan.log import log, progress
+from progan.data.images import ImageError, load_rgb
+
+CELEBA_ALIGNED_HW = (218, 178)            # img_align_celeba size
+CELEBA_BOX = (25, 57, 153, 185)           # x0, y0, x1, y1: the usual 128 px CelebA face crop
+FACE_PER_EYE_DIST = 2.2                   # face_px = max(2.2 * eye distance, 2.1 * eye-to-mouth distance)
+FACE_PER_EYE_MOUTH = 2.1
+CENTRE_EYE_TO_MOUTH = 0.25                # crop centre = eye midpoint + 0.25 * (mouth midpoint - eye midpoint)
+DETECT_MAX_SIDE_PX = 2048                 # larger images are detected on an area-downscaled copy (memory)
+DECODE_WORKERS = 4                        # decoder threads (Pillow releases the GIL while decoding)
+LOG_EVERY_S = 30.0
+MANIFEST_FIELDS = ("index", "file", "width", "height", "status", "reason", "score", "box", "landmarks", "out")
+Detector = Callable[[list[np.ndarray]], list[list["Face"]]]
+
+
+@dataclass
+class Row:
+    """One manifest row: one input image."""
+    index: int
+    file: str
+    width: int | str = ""
+    height: int | str = ""
+    status: str = "skipped"
+    reason: str = ""
+    score: float | str = ""
+    box: tuple = ()
+    landmarks: np.ndarray | None = None
+    out: str = ""
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    def csv(self) -> dict:
+        fmt = lambda values: " ".join(f"{v:.1f}" for v in np.asarray(values, float).ravel())
+        return {"index": self.index, "file": self.file, "width": self.width, "height": self.height,
+                "status": self.status, "reason": self.reason,
+                "score": f"{self.score:.6f}" if isinstance(self.score, float) else self.score,
+                "box": fmt(self.box) if len(self.box) else "",
+                "landmarks": fmt(self.landmarks) if self.landmarks is not None else "", "out": self.out}
+
+
+# ---------------------------------------------------------------- inputs
+
+def read_images_list(path: Path) -> list[str]:
+    """The `path` column of the download stage's TSV (a `path<TAB>bytes` header line is optional)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProganError(f"{path}: not found; run `progan download` first") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProganError(f"{path}: cannot read ({e}); run `progan download` again") from None
+    files = []
+    for n, line in enumerate(text.splitlines()):
+        name = line.split("\t")[0].strip()
+        if not name or (n == 0 and name == "path"):
+            continue
+        files.append(name)
+    if not files:
+        raise ProganError(f"{path}: lists no images; check data.source / data.folder and run `progan download`")
+    return files
+
+
+def _decode(name: str, root: Path, min_input_px: int, max_pixels: int) -> Row:
+    row = Row(index=-1, file=name)
+    try:
+        image = load_rgb(Path(name) if os.path.isabs(name) else root / name, max_pixels)
+    except ImageError as e:
+        row.reason = e.reason
+        return row
+    row.height, row.width = image.shape[:2]
+    if min(image.shape[:2]) < min_input_px:
+        row.reason = f"too small ({row.width}x{row.height} px < crop.min_input_px {min_input_px})"
+    else:
+        row.image = image
+    return row
+
+
+def _decoded(files: list[str], root: Path, crop, batch: int) -> Iterator[list[Row]]:
+    """Batches of decoded rows in input order; decoding runs ahead in threads while the caller detects."""
+    with ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        it = iter(enumerate(files))
+        while True:
+            while len(pending) < 3 * batch:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                pending.append((nxt[0], pool.submit(_decode, nxt[1], root, crop.min_input_px, crop.max_image_pixels)))
+            if not pending:
+                return
+            rows = []
+            while pending and len(rows) < batch:
+                index, fut = pending.popleft()
+                row = fut.result()
+                row.index = index
+                rows.append(row)
+            yield rows
+
+
+# ---------------------------------------------------------------- detection
+
+class _TFDetector:
+    """The `mtcnn` package's own MTCNN (TensorFlow), one image per call (it pads batches)."""
+
+    def __init__(self, min_face_px: int):
+        from progan.data.mtcnn import Face
+        try:
+            from mtcnn import MTCNN
+        except ImportError as e:
+            raise ProganError(f"crop.detector mtcnn-tf needs TensorFlow and the mtcnn package ({e}); "
+                              "pip install tensorflow-cpu mtcnn, or use crop.detector mtcnn-torch") from None
+        self.face, self.model, self.min_face_px = Face, MTCNN(), min_face_px
+
+    def __call__(self, images: list[np.ndarray]) -> list[list]:
+        out = []
+        for im in images:
+            rows = self.model.detect_faces(im, min_face_size=self.min_face_px, output_type="numpy", box_format="xyxy")
+            out.append([self.face(box=tuple(float(v) for v in r[1:5]), score=float(r[5]),
+                                  landmarks=np.stack([r[6:11], r[11:16]], axis=1)) for r in np.asarray(rows)
+                        if len(r) >= 16])
+        return out
+
+
+def make_detector(name: str, min_face_px: int) -> Detector | None:
+    """A callable list of images -> list of faces per image; None for the detection-free crops."""
+    if name == "mtcnn-torch":
+        from progan.data.mtcnn import MTCNN
+        return MTCNN(min_face_px=min_face_px).detect
+    if name == "mtcnn-tf":
+        return _TFDetector(min_face_px)
+    if name in ("celeba-box", "center"):
+        return None
+    raise ProganError(f"params.yaml: crop.detector must be mtcnn-torch, mtcnn-tf, celeba-box or center, got {name!r}")
+
+
+def _detect_capped(detector: Detector, images: list[np.ndarray]) -> list[list]:
+    """Detect; images over DETECT_MAX_SIDE_PX are detected on a downscaled copy, coordinates scaled back."""
+    small, factors = [], []
+    for im in images:
+        f = min(1.0, DETECT_MAX_SIDE_PX / max(im.shape[:2]))
+        if f < 1.0:
+            size = (max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f)))
+            im = np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX))
+        small.append(im)
+        factors.append(f)
+    results = detector(small)
+    for faces, f in zip(results, factors):
+        for face in faces if f < 1.0 else ():
+            face.box = tuple(v / f for v in face.box)
+            face.landmarks = face.landmarks / f
+    return results
+
+
+def choose_face(faces: list, min_confidence: float):
+    """(face, note): the most confident face with p >= min_confidence (ties: larger box); (None, reason)."""
+    ok = [f for f in faces if f.score >= min_confidence]
+    if not ok:
+        if not faces:
+            return None, "no face detected"
+        return None, f"no face with p >= {min_confidence:g} (best p={max(f.score for f in faces):.3f})"
+    face = max(ok, key=lambda f: (f.score, f.area_px))
+    return face, (f"{len(ok)} faces with p >= {min_confidence:g}; kept the most confident" if len(ok) > 1 else "")
+
+
+# ---------------------------------------------------------------- cropping
+
+def _resize(im: Image.Image, size_px: int) -> np.ndarray:
+    if im.size != (size_px, size_px):
+        im = im.resize((size_px, size_px), Image.Resampling.LANCZOS)
+    return np.asarray(im)
+
+
+def aligned_square(landmarks: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(centre, x axis, y axis, side_px) of the eye-levelled crop square for 5 MTCNN landmarks [5, 2]."""
+    lm = np.asarray(landmarks, np.float64)
+    eye_mid, mouth_mid = (lm[0] + lm[1]) / 2, (lm[3] + lm[4]) / 2
+    eye_vec, eye_to_mouth = lm[1] - lm[0], mouth_mid - eye_mid
+    eye_dist, mouth_dist = np.hypot(*eye_vec), np.hypot(*eye_to_mouth)
+    if eye_dist < 1 or mouth_dist < 1:
+        raise ValueError(f"degenerate landmarks (eyes {eye_dist:.1f} px apart, mouth {mouth_dist:.1f} px from them)")
+    ux = eye_vec / eye_dist
+    uy = np.array([-ux[1], ux[0]])                    # image y points down: x axis turned +90 degrees
+    face_px = max(FACE_PER_EYE_DIST * eye_dist, FACE_PER_EYE_MOUTH * mouth_dist)
+    return eye_mid + CENTRE_EYE_TO_MOUTH * eye_to_mouth, ux, uy, face_px * (1 + 2 * margin)
+
+
+def crop_square(image: np.ndarray, centre, ux, uy, side: float, size_px: int) -> tuple[np.ndarray, float]:
+    """Sample the square (centre, axes ux/uy, side px) of `image` [H, W, 3] into [size, size, 3].
+    Returns the crop and the fraction of its area that lay outside the image (filled by mirroring)."""
+    h, w = image.shape[:2]
+    signs = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]])      # corners: top-left, top-right, ...
+    corners = centre + (signs[:, :1] * ux + signs[:, 1:] * uy) * side / 2
+    x0, y0 = np.floor(corners.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise ValueError("crop square lies outside the image")
+    region = image[cy0:cy1, cx0:cx1]
+    pads = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
+    mode = "reflect" if min(region.shape[:2]) > 1 else "edge"
+    region = np.pad(region, pads, mode=mode) if any(p for pair in pads[:2] for p in pair) else region
+    n = max(size_px, int(round(side)))                # sample at the square's own resolution first
+    step = side / n
+    # PIL AFFINE: output (X, Y) samples input (a X + b Y + c, d X + e Y + f), in `region` coordinates.
+    origin = centre - (ux + uy) * side / 2 - np.array([x0, y0])
+    coeffs = (ux[0] * step, uy[0] * step, origin[0], ux[1] * step, uy[1] * step, origin[1])
+    square = Image.fromarray(region).transform((n, n), Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC)
+    inside = _inside_fraction(corners, w, h)
+    return _resize(square, size_px), 1.0 - inside
+
+
+def _inside_fraction(corners: np.ndarray, w: int, h: int, grid: int = 16) -> float:
+    u = (np.arange(grid) + 0.5) / grid
+    pts = corners[0] + u[:, None, None] * (corners[1] - corners[0]) + u[None, :, None] * (corners[3] - corners[0])
+    return float(((pts[..., 0] >= 0) & (pts[..., 0] <= w) & (pts[..., 1] >= 0) & (pts[..., 1] <= h)).mean())
+
+
+def crop_row(row: Row, face, detector_name: str, crop) -> np.ndarray:
+    """The crop.size x crop.size RGB crop of a decoded row; fills row.box / score / landmarks / reason."""
+    image, size = row.image, crop.size
+    if detector_name == "celeba-box":
+        if image.shape[:2] != CELEBA_ALIGNED_HW:
+            raise ValueError(f"not a {CELEBA_ALIGNED_HW[1]}x{CELEBA_ALIGNED_HW[0]} aligned CelebA image "
+                             f"(got {row.width}x{row.height}); use crop.detector mtcnn-torch")
+        row.box = CELEBA_BOX
+        x0, y0, x1, y1 = CELEBA_BOX
+        return _resize(Image.fromarray(image[y0:y1, x0:x1]), size)
+    if detector_name == "center":
+        h, w = image.shape[:2]
+        side = min(h, w)
+        x0, y0 = (w - side) // 2, (h - side) // 2
+        row.box = (x0, y0, x0 + side, y0 + side)
+        return _resize(Image.fromarray(image[y0:y0 + side, x0:x0 + side]), size)
+    row.box, row.score, row.landmarks = face.box, face.score, face.landmarks
+    centre, ux, uy, side = aligned_square(face.landmarks, crop.margin)
+    out, outside = crop_square(image, centre, ux, uy, side, size)
+    notes = [row.reason] if row.reason else []
+    if outside > 0.005:
+        notes.append(f"{outside:.0%} of the square outside the image (mirrored)")
+    if side < size:
+        notes.append(f"upscaled from {side:.0f} px")
+    row.reason = "; ".join(notes)
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+
+def _encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _preview(crops: list[np.ndarray], path: Path, tile_px: int = 64, cols: int = 8) -> None:
+    tile = min(tile_px, crops[0].shape[0])
+    rows = (len(crops) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * tile, rows * tile))
+    for k, c in enumerate(crops):
+        sheet.paste(Image.fromarray(c).resize((tile, tile), Image.Resampling.LANCZOS), ((k % cols) * tile, (k // cols) * tile))
+    sheet.save(path)
+
+
+def _write_manifest(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(r.csv() for r in rows)
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove temp folders of earlier runs that were killed (their process is gone)."""
+    for old in parent.glob(f".{name}.tmp-*"):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            continue                                   # still running
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params, **_) -> dict:
+    """Crop every image of paths.IMAGES_LIST; returns counts {images, kept, skipped, reasons, seconds}."""
+    crop, root = params.crop, Path(params.root)
+    Image.MAX_IMAGE_PIXELS = crop.max_image_pixels       # Pillow's own bomb guard, same limit
+    files = read_images_list(root / paths.IMAGES_LIST)
+    detector = make_detector(crop.detector, crop.min_face_px)
+    final = root / paths.FACES_DIR
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(final.parent, final.name)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    images_rel = Path(paths.FACES_IMAGES_DIR).relative_to(paths.FACES_DIR)
+    (tmp / images_rel).mkdir(parents=True)
+    rows: list[Row] = []
+    first_crops: list[np.ndarray] = []
+    kept = 0
+    start = last_log = time.time()
+    log.info(f"crop: {len(files)} images, detector {crop.detector}, {crop.size} px, batches of {crop.batch_images}")
+    try:
+        bar = progress(total=len(files), desc="crop", unit="img")
+        for batch in _decoded(files, root, crop, crop.batch_images):
+            todo = [r for r in batch if r.image is not None]
+            faces = _detect_capped(detector, [r.image for r in todo]) if detector and todo else [None] * len(todo)
+            for row, found in zip(todo, faces):
+                face = None
+                if detector is not None:
+                    face, row.reason = choose_face(found, crop.min_confidence)
+                    if face is None:
+                        row.image = None
+                        continue
+                try:
+                    out = crop_row(row, face, crop.detector, crop)
+                except ValueError as e:
+                    row.reason, row.image = str(e), None
+                    continue
+                name = f"{kept:06d}.png"
+                (tmp / images_rel / name).write_bytes(_encode_png(out))
+                row.status, row.out, row.image = "kept", f"{paths.FACES_IMAGES_DIR}/{name}", None
+                kept += 1
+                if len(first_crops) < 64:
+                    first_crops.append(out)
+            for row in batch:
+                row.image = None
+            rows += batch
+            bar.update(len(batch))
+            bar.set_postfix(kept=kept, skipped=len(rows) - kept)
+            if time.time() - last_log > LOG_EVERY_S:
+                last_log = time.time()
+                log.info(f"crop: {len(rows)}/{len(files)} images, kept {kept}, "
+                         f"{len(rows) / (last_log - start):.1f} img/s")
+        bar.close()
+        reasons = Counter(r.reason.split(" (")[0] for r in rows if r.status == "skipped")
+        _write_manifest(rows, tmp / Path(paths.FACES_MANIFEST).relative_to(paths.FACES_DIR))
+        if first_crops:
+            _preview(first_crops, tmp / "preview.png")
+        seconds = time.time() - start
+        summary = {"images": len(rows), "kept": kept, "skipped": len(rows) - kept, "reasons": dict(reasons),
+                   "seconds": round(seconds, 2)}
+        log.info(f"crop: kept {kept} of {len(rows)} images ({kept / len(rows):.1%}) in {seconds:.0f} s "
+                 f"({len(rows) / max(seconds, 1e-9):.1f} img/s); skipped: "
+                 + (", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "none"))
+        if kept < crop.min_kept_fraction * len(rows):
+            failed = root / paths.STATE_DIR / "crop-failed-manifest.csv"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp / Path(paths.FACES_MANIFEST).relative_to(paths.FACES_DIR), failed)
+            top = reasons.most_common(1)[0] if reasons else ("?", 0)
+            raise ProganError(f"crop: only {kept} of {len(rows)} images gave a face ({kept / len(rows):.1%} < "
+                              f"crop.min_kept_fraction {crop.min_kept_fraction}); most common reason: {top[0]} "
+                              f"({top[1]}x); every reason is in {failed.relative_to(root)}")
+        _swap_into_place(tmp, final)
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Safe image loading for real, messy input: any file Pillow can read in, uint8 RGB [H, W, 3] out.
+
+A file that cannot be used raises `ImageError` with a short `reason` ("empty file (0 bytes)", "truncated",
+"not an image (unknown format)", ...); the crop stage records the reason in its manifest and skips the file.
+Handled on purpose: EXIF orientation, every Pillow mode (alpha composited on white, 16-bit and float grey
+rescaled, CMYK / palette / 1-bit converted), content that does not match the extension (PNG data named .jpg),
+WEBP, animated GIF / APNG (first frame), and the decompression-bomb guard.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000   # params.yaml crop.max_image_pixels
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Errors Pillow's decoders raise for corrupt data (besides UnidentifiedImageError, an OSError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, ZeroDivisionError,
+                  MemoryError, Image.DecompressionBombError)
+
+
+class ImageError(Exception):
+    """A file that cannot be used as an image. `reason` is a short phrase for the crop manifest."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> ImageError:
+    return ImageError(f"too large ({w}x{h} px > crop.max_image_pixels {max_pixels})")
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if "truncated" in text.lower():
+        return "truncated"
+    return f"cannot decode ({type(e).__name__}: {text[:80]})" if text else f"cannot decode ({type(e).__name__})"
+
+
+def _check_file(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot stat ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file")
+    if st.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageError("permission denied")
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError, struct.error):
+        return im
+
+
+def _grey_to_rgb(im: Image.Image) -> np.ndarray:
+    """I / I;16* / F (16-bit or float grey): rescale to 0..255. I;16 and I above 255: / 65535 * 255;
+    F within [0, 1]: * 255; anything else: min..max stretched to 0..255."""
+    a = np.nan_to_num(np.asarray(im).astype(np.float64))
+    lo, hi = 0.0, 255.0
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+        hi = 65535.0
+    if im.mode == "F" and not (a.min(initial=0) >= 0 and a.max(initial=0) <= 1):
+        lo, hi = a.min(initial=0), a.max(initial=1)
+    elif im.mode == "F":
+        hi = 1.0
+    if a.min(initial=0) < lo or a.max(initial=0) > hi:    # I with negative values or beyond 16 bits
+        lo, hi = a.min(initial=0), a.max(initial=1)
+    g = np.clip((a - lo) / max(hi - lo, 1e-12) * 255 + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB [H, W, 3] (contiguous)."""
+    if im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return np.ascontiguousarray(np.asarray(Image.alpha_composite(background, rgba).convert("RGB")))
+    if im.mode.startswith("I") or im.mode == "F":
+        return _grey_to_rgb(im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(im))
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode `path` (first frame, EXIF-oriented) to uint8 RGB [H, W, 3]; raise ImageError(reason) for any
+    file that is missing, empty, not an image, truncated, corrupt or larger than `max_pixels`."""
+    path = Path(path)
+    _check_file(path)
+    with warnings.catch_warnings():
+        # Pillow warns above its own MAX_IMAGE_PIXELS; the explicit check below decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise _too_large(w, h, max_pixels)
+                im.load()
+                return to_rgb(_orient(im))
+        except UnidentifiedImageError:
+            raise ImageError("not an image (unknown format)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"too large (over Pillow's limit; crop.max_image_pixels {max_pixels})") from None
+        except PermissionError:
+            raise ImageError("permission denied") from None
+        except _DECODE_ERRORS as e:
+            raise ImageError(_short(e)) from None
