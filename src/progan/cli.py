@@ -55,7 +55,8 @@ def _gpu_lease(command: str, params):
     return gpus.lease(count, visible)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The CLI. Only the selected command's module is imported (for its extra flags): start-up stays fast."""
     parser = argparse.ArgumentParser(prog="progan", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_text) in STANDALONE.items():
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         if name in RES_COMMANDS:
             p.add_argument("--res", type=int, required=True, metavar="PX", help="stage resolution in px (4, 8, ...)")
         p.set_defaults(_module=module)
-        mod = _import_quiet(module)
+        mod = _import_quiet(module) if name == selected else None
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
     return parser
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in STANDALONE:  # commands that do not read params.yaml parse their own flags
         module, func, _ = STANDALONE[argv[0]]
         return getattr(importlib.import_module(module), func)(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     log.setup()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
