@@ -148,6 +148,8 @@ def test_image_grid_layout():
 
 def test_html_fmt_and_escape():
     assert html.fmt(None) == "n/a" and html.fmt(0.123456) == "0.1235" and html.fmt("<b>") == "&lt;b&gt;"
+    assert (html.duration(7.4), html.duration(270), html.duration(11520), html.duration(None)) == \
+        ("7 s", "4.5 min", "3.2 h", "n/a")
 
 
 # ---- the built report -------------------------------------------------------------------------------

@@ -172,6 +172,12 @@ def test_summary_goes_to_parent(project, capsys):
     assert run.data.metrics == {"swd_avg_r16": 4.25, "swd_avg_r8": 6.0}
     assert run.info.status == "FINISHED"
     assert [a.path for a in client_for(project).list_artifacts(parent_id)] == ["index.html"]
+    # That invocation is over: a later job (e.g. under `dvc repro`, no onstart hook) starts a new parent.
+    with tracking.stage_run(project, 4, "train") as t:
+        pass
+    new_parent = client_for(project).get_run(t.run_id).data.tags["mlflow.parentRunId"]
+    assert new_parent != parent_id
+    assert json.loads((project.root / tracking.PARENT_FILE).read_text())["run_id"] == new_parent
 
 
 # ---- failure: never raises, one warning ------------------------------------------------------------
@@ -200,7 +206,7 @@ def test_unreachable_store_warns_once_and_stage_goes_on(tmp_path, monkeypatch, w
 
 
 def test_failure_mid_stage_warns_once_then_stays_quiet(project, warnings_seen):
-    client = tracking._client(tracking.tracking_uri(project))
+    client = tracking._client(tracking.tracking_uri(project), project.root)
     tracking._experiment_id(client, project, tracking.tracking_uri(project))
     t = tracking.StageTracker(client, "0" * 32, "train 16px")   # a run the store does not have
     for tick in range(4):
@@ -237,17 +243,21 @@ def _writer(params_path: str, index: int) -> None:
     os._exit(0 if t.enabled else 3)
 
 
-def test_eight_concurrent_writer_processes(tmp_path, monkeypatch):
-    """The store is pre-created by the real CLI (as the Snakefile's onstart does); the parent file is then
-    removed so the 8 jobs also race to get-or-create the parent and the 4 stage children."""
+@pytest.mark.parametrize("store", ["pre-created", "fresh"])
+def test_eight_concurrent_writer_processes(tmp_path, monkeypatch, store):
+    """pre-created: the store is made by the real CLI (as the Snakefile's onstart does), then the parent
+    file is removed so the 8 jobs also race to get-or-create the parent and the 4 stage children.
+    fresh: no track-start at all (a hand-run or `dvc repro --jobs 8`): the jobs also race to create the DB."""
     for var in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, "RANK"):
         monkeypatch.delenv(var, raising=False)
     params_path = write_params(tmp_path / "proj", size=32)
-    out = subprocess.run([sys.executable, "-m", "progan.cli", "track-start", "--params", str(params_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    first_parent = out.stdout.strip()
-    (params_path.parent / tracking.PARENT_FILE).unlink()
+    first_parent = None
+    if store == "pre-created":
+        out = subprocess.run([sys.executable, "-m", "progan.cli", "track-start", "--params", str(params_path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        first_parent = out.stdout.strip()
+        (params_path.parent / tracking.PARENT_FILE).unlink()
 
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  imported once here, not in each writer
     import sqlalchemy.orm
@@ -272,7 +282,7 @@ def test_eight_concurrent_writer_processes(tmp_path, monkeypatch):
     runs = client.search_runs([exp_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("progan.role") == "pipeline"]
     children = [r for r in runs if r.data.tags.get("progan.role") == "stage"]
-    assert len(parents) == 2                                     # track-start's and exactly one more
+    assert len(parents) == (2 if first_parent else 1)           # track-start's (if any) and exactly one more
     new_parent = next(r.info.run_id for r in parents if r.info.run_id != first_parent)
     assert sorted(int(c.data.tags["progan.stage"]) for c in children) == [4, 8, 16, 32]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {new_parent}

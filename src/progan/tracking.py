@@ -15,7 +15,8 @@ Steps: MLflow steps are integers, so a metric's step is the number of real image
 
 Finding the parent, in order: env `PROGAN_MLFLOW_PARENT_RUN_ID` (the Snakefile's onstart sets it from
 `progan track-start`), then `.progan/mlflow_parent.json` when it names the same store and params
-digest, else a new parent is created under a file lock (`fcntl.flock`) so concurrent jobs make one.
+digest and that run is still RUNNING (the report marks it FINISHED), else a new parent is created
+under a file lock (`fcntl.flock`) so concurrent jobs make exactly one.
 
 Failure: MLflow missing, unreachable, locked for too long or raising anything -> one warning line,
 the tracker turns itself off and the stage goes on. SQLite "database is locked" is retried with
@@ -105,23 +106,27 @@ def _retry(fn: Callable, *args, **kwargs):
             time.sleep(min(0.05 * 2**attempt, 2.0) * (0.5 + random.random()))
 
 
-def _client(uri: str):
+def _client(uri: str, root: Path):
     """An MlflowClient on `uri`. SQLite is opened first with sqlite3: MLflow's own engine retries an
     unopenable file for ~100 s before failing, this fails in milliseconds. A new SQLite file is put in
     WAL mode (persistent): readers no longer block the writer, the fix for "database is locked"
-    with many jobs logging at once (https://sqlite.org/wal.html)."""
+    with many jobs logging at once (https://sqlite.org/wal.html). The store is opened under the file
+    lock, so jobs started without `progan track-start` never create its tables concurrently (a
+    half-migrated store cannot be told from a finished one, so the lock is taken every time)."""
     db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not db.exists() or db.stat().st_size == 0
+    if db is None:
+        return _mlflow().MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow = _mlflow()
+    with _file_lock(root):
         con = sqlite3.connect(db, timeout=20)
         try:
             con.execute("select 1")
-            if fresh:
+            if not con.execute("select count(*) from sqlite_master").fetchone()[0]:
                 con.execute("pragma journal_mode=wal")
         finally:
             con.close()
-    return _mlflow().MlflowClient(tracking_uri=uri)
+        return _retry(mlflow.MlflowClient, tracking_uri=uri)   # creates the tables of a new store
 
 
 def _experiment_id(client, params, uri: str) -> str:
@@ -208,13 +213,14 @@ def _create_parent(client, exp_id: str, params, uri: str) -> str:
     return run_id
 
 
-def _usable(client, run_id: str) -> bool:
+def _usable(client, run_id: str, running_only: bool = False) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        return _retry(client.get_run, run_id).info.lifecycle_stage == "active"
+        info = _retry(client.get_run, run_id).info
     except MlflowException:
         return False
+    return info.lifecycle_stage == "active" and (info.status == "RUNNING" or not running_only)
 
 
 def _parent_from_file(client, params, uri: str) -> str | None:
@@ -226,7 +232,9 @@ def _parent_from_file(client, params, uri: str) -> str | None:
     if info.get("tracking_uri") != uri or info.get("params_digest") != params.digest():
         return None  # another store, or params changed since: a new pipeline invocation
     run_id = info.get("run_id")
-    return run_id if run_id and _usable(client, run_id) else None
+    # A parent the report has FINISHED belongs to an invocation that is over (e.g. `dvc repro` has no
+    # onstart hook): the next job starts a new one. A RUNNING one is this invocation, or its resumption.
+    return run_id if run_id and _usable(client, run_id, running_only=True) else None
 
 
 def _parent_run_id(client, exp_id: str, params, uri: str) -> str:
@@ -363,7 +371,7 @@ def _stage_files(res: int, job: str) -> list[str]:
 
 def _open_stage(params, res: int, job: str) -> StageTracker:
     uri = tracking_uri(params)
-    client = _client(uri)
+    client = _client(uri, params.root)
     exp_id = _experiment_id(client, params, uri)
     parent_id = _parent_run_id(client, exp_id, params, uri)
     run_id = _child_run_id(client, exp_id, parent_id, params, res)
@@ -429,7 +437,7 @@ def run(params) -> None:
     write its id to .progan/mlflow_parent.json and print it on stdout (nothing when MLflow fails)."""
     uri = tracking_uri(params)
     try:
-        client = _client(uri)
+        client = _client(uri, params.root)
         exp_id = _experiment_id(client, params, uri)
         with _file_lock(params.root):
             run_id = _create_parent(client, exp_id, params, uri)
@@ -445,7 +453,7 @@ def log_pipeline_summary(params, metrics: dict[str, float], artifacts: list[str]
     """Log the report's headline metrics (step 0) and files to the parent run and mark it FINISHED."""
     uri = tracking_uri(params)
     try:
-        client = _client(uri)
+        client = _client(uri, params.root)
         exp_id = _experiment_id(client, params, uri)
         parent_id = _parent_run_id(client, exp_id, params, uri)
     except Exception as e:

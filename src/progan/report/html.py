@@ -57,6 +57,15 @@ def fmt(value, digits: int = 4) -> str:
     return esc(value)
 
 
+def duration(seconds) -> str:
+    """12 s, 4.5 min, 3.2 h."""
+    if not isinstance(seconds, (int, float)):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def img(png: bytes, alt: str, cls: str = "px", min_px: int = MIN_DISPLAY_PX, max_px: int = MAX_DISPLAY_PX) -> str:
     """An <img> with the PNG inline; pixel images are enlarged by a whole factor to at least `min_px`
     wide (pixels stay square), then capped at `max_px` (and at the page width)."""
@@ -84,15 +93,15 @@ def _flat(tree, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _summary(stages) -> str:
-    header = ["stage", "total kimg", "train time (min)", "img/s", "SWD avg \u00d710\u00b3", "real-vs-real floor",
-              "MS-SSIM generated", "MS-SSIM real", "evaluate time (min)"]
+    header = ["stage", "total kimg", "train time", "img/s", "SWD avg \u00d710\u00b3", "real-vs-real floor",
+              "MS-SSIM generated", "MS-SSIM real", "evaluate time"]
     rows = []
     for s in stages:
         t, ev = s.train, s.eval
         kimg = t.get("total_kimg", s.losses["total_kimg"][-1] if s.losses["total_kimg"] else None)
-        rows.append([f"{s.res_px}\u00d7{s.res_px}", kimg, t["seconds"] / 60, t["img_per_s"], ev["swd"]["swd_avg"],
+        rows.append([f"{s.res_px}\u00d7{s.res_px}", kimg, duration(t["seconds"]), t["img_per_s"], ev["swd"]["swd_avg"],
                      ev["swd_real_vs_real"].get("swd_avg"), ev.get("msssim_fake"), ev.get("msssim_real"),
-                     ev["seconds"] / 60 if isinstance(ev.get("seconds"), (int, float)) else None])
+                     duration(ev.get("seconds"))])
     return table(header, rows)
 
 
