@@ -188,3 +188,30 @@ def test_the_cat_is_the_known_false_positive(tf_mtcnn):
     assert len(ours) == len(ref) == 1
     assert 0.85 < ours[0].score < 0.9 and ours[0].score == pytest.approx(ref[0, 5], abs=1e-4)
     assert math.isclose(_iou(ours[0].box, ref[0, 1:5]), 1.0, abs_tol=1e-3)
+
+
+def test_crop_stage_with_the_tf_detector_agrees(tf_mtcnn, tmp_path):
+    """crop.detector mtcnn-tf (the package itself) and mtcnn-torch keep the same images with the same boxes."""
+    import csv
+
+    from helpers import write_params
+    from progan import params as params_mod
+    from progan.data import faces
+
+    files = [PHOTOS_DIR / n for n in ("facenet__Anthony_Hopkins_0001.jpg", "mtcnn__ivan.jpg", "dlib__scream.jpg")]
+    files += sorted(CELEBA_DIR.glob("*.jpg"))[:3]
+    manifests = {}
+    for detector in ("mtcnn-torch", "mtcnn-tf"):
+        folder = tmp_path / detector
+        params = params_mod.load(write_params(folder, crop__detector=detector, crop__min_kept_fraction=0.1))
+        (folder / "data" / "raw").mkdir(parents=True)
+        (folder / "data" / "raw" / "images.tsv").write_text("".join(f"{f}\t0\n" for f in files))
+        faces.run(params)
+        with open(folder / "data" / "faces" / "manifest.csv", newline="") as f:
+            manifests[detector] = list(csv.DictReader(f))
+    torch_rows, tf_rows = manifests["mtcnn-torch"], manifests["mtcnn-tf"]
+    assert [r["status"] for r in torch_rows] == [r["status"] for r in tf_rows] == ["kept", "kept", "skipped"] + ["kept"] * 3
+    for a, b in zip(torch_rows, tf_rows):
+        if a["status"] == "kept":
+            np.testing.assert_allclose(np.array(a["box"].split(), float), np.array(b["box"].split(), float), atol=0.11)
+            assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-4)
