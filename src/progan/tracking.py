@@ -389,15 +389,20 @@ def _open_stage(params, res: int, job: str) -> StageTracker:
 
 
 def _close_stage(tracker: StageTracker, params, res: int, job: str, status: str) -> None:
-    root = Path(params.root)
-    if status == "FINISHED":
-        for rel in _stage_files(res, job):
-            if (root / rel).is_file():
-                tracker.log_artifact(root / rel)
-        ckpt = root / paths.checkpoint(res)
-        if job == "train" and ckpt.is_file() and tracker.enabled:
-            tracker.set_tags({"progan.trained": "true", "progan.checkpoint_sha256": _sha256(ckpt)})
-    tracker._guard(lambda: _retry(tracker._client.set_terminated, tracker.run_id, status))
+    """Attach the stage's files, tag a trained checkpoint, set the run's status. Never raises."""
+    def close() -> None:
+        root = Path(params.root)
+        if status == "FINISHED":
+            for rel in _stage_files(res, job):
+                if (root / rel).is_file():
+                    _retry(tracker._client.log_artifact, tracker.run_id, str(root / rel))
+            ckpt = root / paths.checkpoint(res)
+            if job == "train" and ckpt.is_file():
+                for key, value in (("progan.trained", "true"), ("progan.checkpoint_sha256", _sha256(ckpt))):
+                    _retry(tracker._client.set_tag, tracker.run_id, key, value)
+        _retry(tracker._client.set_terminated, tracker.run_id, status)
+
+    tracker._guard(close)
 
 
 @contextlib.contextmanager
@@ -411,7 +416,7 @@ def stage_run(params, res: int, job: str) -> Iterator[StageTracker]:
     """
     if job not in JOBS:
         raise ValueError(f"job must be one of {JOBS}, got {job!r}")
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):   # torchrun / DDP: rank 0 logs
         yield StageTracker(label=f"{job} {res}px")
         return
     try:
