@@ -35,12 +35,19 @@ def test_stage_params_are_per_resolution():
 def _snakemake_graph(ws):
     dot = subprocess.run(["snakemake", "--dag", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")],
                          cwd=ws, env=tool_env(), capture_output=True, text=True, check=True).stdout
-    names = {}
+    rule, res = {}, {}
     for node, label in re.findall(r'^\s*(\d+)\[label = "([^"]*)"', dot, re.M):
         parts = label.split("\\n")
-        res = next((p.split(": ")[1] for p in parts[1:] if p.startswith("res: ")), None)
-        names[node] = parts[0] + (f"@{res}" if res else "")
-    edges = {(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
+        rule[node] = parts[0]
+        res[node] = next((p.split(": ")[1] for p in parts[1:] if p.startswith("res: ")), None)
+    raw_edges = re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)
+    # Snakemake's labels show only the wildcards a job does not share with its inputs' jobs
+    # (dag.new_wildcards), so evaluate's `res` is its train input's.
+    for a, b in raw_edges:
+        if rule[b] == "evaluate" and rule[a] == "train":
+            res[b] = res[a]
+    names = {n: rule[n] + (f"@{res[n]}" if res[n] else "") for n in rule}
+    edges = {(names[a], names[b]) for a, b in raw_edges}
     return set(names.values()) - {"all"}, {e for e in edges if "all" not in e}
 
 
