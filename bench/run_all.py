@@ -1,0 +1,37 @@
+"""`make bench`: every benchmark in bench/, one after the other, then one summary table.
+
+Figures depend on the machine and on its load; the README keeps the last table with the machine it ran on.
+Each script also writes its own JSON under bench/out/. Budget: about 15 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RUNS = [
+    ("crop (MTCNN, CelebA 178x218)", ["bench_crop.py", "--n", "400", "--threads", "2", "--no-stage"]),
+    ("pyramid + loader", ["bench_data.py", "--n", "2010", "--size", "128"]),
+    ("training step", ["bench_train.py"]),
+    ("SWD 16,384 images at 128 px", ["bench_swd.py"]),
+]
+
+
+def main() -> int:
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    failed = 0
+    for title, argv in RUNS:
+        print(f"\n=== {title}: {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=BENCH.parent)
+        print(f"=== {title}: {'ok' if rc == 0 else f'FAILED rc={rc}'} in {time.time() - t0:.0f} s", flush=True)
+        failed += rc != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
