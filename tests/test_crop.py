@@ -83,6 +83,17 @@ def test_aligned_square_on_celeba_is_the_official_crop():
     assert abs(side - 128) < 6
 
 
+def test_large_images_are_detected_on_a_downscaled_copy(monkeypatch):
+    from progan.data.mtcnn import MTCNN
+    detect = MTCNN(device="cpu").detect
+    image = load_rgb(CELEBA[0])
+    direct = detect([image])[0][0]
+    monkeypatch.setattr(faces, "DETECT_MAX_SIDE_PX", 150)     # 178x218 -> a 122x150 copy, coordinates / 0.688
+    scaled = faces._detect_capped(detect, [image])[0][0]
+    np.testing.assert_allclose(scaled.box, direct.box, atol=5)
+    np.testing.assert_allclose(scaled.landmarks, direct.landmarks, atol=3)
+
+
 # ---------------------------------------------------------------- messy files
 
 def _face() -> Image.Image:
@@ -128,6 +139,8 @@ def _messy_files(folder):
     }
 
 
+# images.py ignores Pillow's warning with a process-wide filter; pytest resets filters for each test.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_messy_inputs_are_kept_or_skipped_with_a_reason(tmp_path):
     expected = _messy_files(tmp_path / "in")
     names = list(expected)

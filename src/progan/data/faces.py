@@ -56,6 +56,7 @@ DECODE_WORKERS = 4                        # decoder threads (Pillow releases the
 # 2-core machine 1 torch thread ran the stage 2-3x faster than 2 (which spin-wait against the decoders).
 TORCH_CPU_SHARE = 0.5
 LOG_EVERY_S = 30.0
+PREVIEW_CROPS, PREVIEW_TILE_PX = 64, 64
 MANIFEST_FIELDS = ("index", "file", "width", "height", "status", "reason", "score", "box", "landmarks", "out")
 Detector = Callable[[list[np.ndarray]], list[list["Face"]]]
 
@@ -315,12 +316,18 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _preview(crops: list[np.ndarray], path: Path, tile_px: int = 64, cols: int = 8) -> None:
-    tile = min(tile_px, crops[0].shape[0])
-    rows = (len(crops) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * tile, rows * tile))
-    for k, c in enumerate(crops):
-        sheet.paste(Image.fromarray(c).resize((tile, tile), Image.Resampling.LANCZOS), ((k % cols) * tile, (k // cols) * tile))
+def _tile(crop: np.ndarray, tile_px: int = PREVIEW_TILE_PX) -> np.ndarray:
+    if crop.shape[0] <= tile_px:
+        return crop
+    return np.asarray(Image.fromarray(crop).resize((tile_px, tile_px), Image.Resampling.LANCZOS))
+
+
+def _preview(tiles: list[np.ndarray], path: Path, cols: int = 8) -> None:
+    """A grid of the first crops (preview.png beside images/, outside the folder the pyramid stage reads)."""
+    tile = tiles[0].shape[0]
+    sheet = Image.new("RGB", (cols * tile, ((len(tiles) + cols - 1) // cols) * tile))
+    for k, t in enumerate(tiles):
+        sheet.paste(Image.fromarray(t), ((k % cols) * tile, (k // cols) * tile))
     sheet.save(path)
 
 
@@ -332,12 +339,11 @@ def _write_manifest(rows: list[Row], path: Path) -> None:
 
 
 def _clean_stale(parent: Path, name: str) -> None:
-    """Remove temp folders of earlier runs that were killed (their process is gone)."""
-    for old in parent.glob(f".{name}.tmp-*"):
+    """Remove the temp / old folders (.faces.tmp-<pid>, .faces.old-<pid>) of earlier runs that were killed."""
+    for old in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
         try:
-            pid = int(old.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-            continue                                   # still running
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+            continue                                   # that run is still going
         except (ValueError, ProcessLookupError):
             shutil.rmtree(old, ignore_errors=True)
         except PermissionError:
@@ -355,9 +361,9 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 # ---------------------------------------------------------------- the stage
 
 def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out_dir: Path):
-    """Decode, detect, crop and write every image; returns (manifest rows, first 64 crops)."""
+    """Decode, detect, crop and write every image; returns (manifest rows, preview tiles of the first crops)."""
     rows: list[Row] = []
-    first_crops: list[np.ndarray] = []
+    tiles: list[np.ndarray] = []
     kept = 0
     start = last_log = time.time()
     bar = progress(total=len(files), desc="crop", unit="img")
@@ -378,8 +384,8 @@ def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out
             (out_dir / name).write_bytes(_encode_png(out))
             row.status, row.out = "kept", f"{paths.FACES_IMAGES_DIR}/{name}"
             kept += 1
-            if len(first_crops) < 64:
-                first_crops.append(out)
+            if len(tiles) < PREVIEW_CROPS:
+                tiles.append(_tile(out))
         for row in batch:
             row.image = None                       # free the decoded pixels
         rows += batch
@@ -389,7 +395,7 @@ def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out
             last_log = time.time()
             log.info(f"crop: {len(rows)}/{len(files)} images, kept {kept}, {len(rows) / (last_log - start):.1f} img/s")
     bar.close()
-    return rows, first_crops
+    return rows, tiles
 
 
 def run(params, **_) -> dict:
@@ -410,10 +416,10 @@ def run(params, **_) -> dict:
     log.info(f"crop: {len(files)} images, detector {crop.detector}, {crop.size} px, batches of {crop.batch_images}")
     try:
         with _torch_cpu_threads(crop.detector):
-            rows, first_crops = _crop_all(files, root, crop, detector, images_dir)
+            rows, tiles = _crop_all(files, root, crop, detector, images_dir)
         _write_manifest(rows, manifest)
-        if first_crops:
-            _preview(first_crops, tmp / "preview.png")
+        if tiles:
+            _preview(tiles, tmp / "preview.png")
         kept, seconds = sum(r.status == "kept" for r in rows), time.time() - start
         reasons = Counter(r.reason.split(" (")[0] for r in rows if r.status == "skipped")
         log.info(f"crop: kept {kept} of {len(rows)} images ({kept / len(rows):.1%}) in {seconds:.0f} s "

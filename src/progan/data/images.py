@@ -25,6 +25,11 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Inde
                   MemoryError, Image.DecompressionBombError)
 
 
+# Pillow warns above its own MAX_IMAGE_PIXELS; load_rgb's explicit check decides instead. A module-level
+# filter, because warnings.catch_warnings() is not thread-safe and load_rgb runs in decoder threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 class ImageError(Exception):
     """A file that cannot be used as an image. `reason` is a short phrase for the crop manifest."""
 
@@ -106,21 +111,18 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     file that is missing, empty, not an image, truncated, corrupt or larger than `max_pixels`."""
     path = Path(path)
     _check_file(path)
-    with warnings.catch_warnings():
-        # Pillow warns above its own MAX_IMAGE_PIXELS; the explicit check below decides.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise _too_large(w, h, max_pixels)
-                im.load()
-                return to_rgb(_orient(im))
-        except UnidentifiedImageError:
-            raise ImageError("not an image (unknown format)") from None
-        except Image.DecompressionBombError:
-            raise ImageError(f"too large (over Pillow's limit; crop.max_image_pixels {max_pixels})") from None
-        except PermissionError:
-            raise ImageError("permission denied") from None
-        except _DECODE_ERRORS as e:
-            raise ImageError(_short(e)) from None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _too_large(w, h, max_pixels)
+            im.load()
+            return to_rgb(_orient(im))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unknown format)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"too large (over Pillow's limit; crop.max_image_pixels {max_pixels})") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(_short(e)) from None
