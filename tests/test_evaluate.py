@@ -98,11 +98,12 @@ def test_cli_end_to_end_writes_eval_json_and_mlflow(project, tmp_path):
 
 
 def test_same_numbers_whatever_the_batch(project, tmp_path):
-    """Latents, reals, SWD centres and MS-SSIM pairs do not depend on evaluate.batch."""
+    """Latents, reals, SWD centres and MS-SSIM pairs do not depend on evaluate.batch (only float rounding
+    does: BLAS blocking and the per-batch statistics change the last digits, ~5e-7 relative)."""
     a = E.evaluate(params_mod.load(project), RES)
     b = E.evaluate(params_mod.load(tiny_params(tmp_path, size_px=RES, evaluate__batch=6)), RES)
     for key in ("swd", "swd_real_vs_real", "msssim_fake", "msssim_real", "num_images"):
-        assert a[key] == pytest.approx(b[key], rel=1e-9), key
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 def test_fakes_are_the_checkpoint_generator_output(project, tmp_path):
