@@ -14,7 +14,6 @@ from helpers import CELEBA_DIR, tiny_params
 from progan import cli, paths
 from progan import evaluate as E
 from progan import params as params_mod
-from progan.errors import ProganError
 from progan.model.networks import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Generator, ModelConfig
 
 RES = 16
