@@ -20,6 +20,16 @@ SKIP_PHOTOS = {"insightface__t1.jpg", "retinaface__test.jpg", "facenetpt__multif
                "dlib__dogs.jpg", "dlib__eagle.jpg"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread, as the crop stage uses on 2 cores: with other jobs on the machine 2 threads
+    spin-wait and ran the detector 2-3x slower (bench/bench_crop.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- hand-computed math (no TensorFlow)
 
 def test_pyramid_scales_match_the_package_formula():

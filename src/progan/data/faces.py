@@ -56,6 +56,7 @@ DECODE_WORKERS = 4                        # decoder threads (Pillow releases the
 # 2-core machine 1 torch thread ran the stage 2-3x faster than 2 (which spin-wait against the decoders).
 TORCH_CPU_SHARE = 0.5
 LOG_EVERY_S = 30.0
+UPSCALE_NOTE = 0.8                        # manifest notes "upscaled" when the square is below 0.8 * crop.size px
 PREVIEW_CROPS, PREVIEW_TILE_PX = 64, 64
 MANIFEST_FIELDS = ("index", "file", "width", "height", "status", "reason", "score", "box", "landmarks", "out")
 Detector = Callable[[list[np.ndarray]], list[list["Face"]]]
@@ -302,7 +303,7 @@ def crop_row(row: Row, face, detector_name: str, crop) -> np.ndarray:
     notes = [row.reason] if row.reason else []
     if outside > 0.005:
         notes.append(f"{outside:.0%} of the square outside the image (mirrored)")
-    if side < size:
+    if side < UPSCALE_NOTE * size:
         notes.append(f"upscaled from {side:.0f} px")
     row.reason = "; ".join(notes)
     return out
