@@ -454,6 +454,18 @@ def run(params) -> None:
     sys.stdout.flush()
 
 
+def _link_stage_runs(client, exp_id: str, parent_id: str, params) -> None:
+    """Tag the parent with the child run behind every stage: its own child, or, for a stage the workflow
+    skipped as up to date, the earlier child that trained the checkpoint now in results/ (by sha256).
+    Tags `progan.stage_run.<res>` = run id and `progan.stage_reused.<res>` = true|false."""
+    for res in params.resolutions:
+        child = _find_child(client, exp_id, parent_id, res)
+        run_id = child.info.run_id if child is not None else _training_run_id(client, exp_id, params, res)
+        if run_id is not None:
+            _retry(client.set_tag, parent_id, f"progan.stage_run.{res}", run_id)
+            _retry(client.set_tag, parent_id, f"progan.stage_reused.{res}", str(child is None).lower())
+
+
 def log_pipeline_summary(params, metrics: dict[str, float], artifacts: list[str]) -> None:
     """Log the report's headline metrics (step 0) and files to the parent run and mark it FINISHED."""
     uri = tracking_uri(params)
@@ -465,6 +477,7 @@ def log_pipeline_summary(params, metrics: dict[str, float], artifacts: list[str]
         log.warning("MLflow tracking off for the report (results/ files are unaffected): %s", _one_line(e))
         return
     tracker = StageTracker(client, parent_id, "the report")
+    tracker._guard(lambda: _link_stage_runs(client, exp_id, parent_id, params))
     tracker.log_metrics(metrics, 0)
     for path in artifacts:
         tracker.log_artifact(path)

@@ -264,6 +264,16 @@ class _Tracking:
 # --------------------------------------------------------------------------------------------------------------
 # The stage.
 
+def _set_deterministic(mode: bool, warn_only: bool) -> None:
+    """torch.use_deterministic_algorithms without its import of torch._inductor (2-3 s per job on a small CPU):
+    we never compile, so only the eager flag matters."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # pragma: no cover - other torch versions
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 def _configure_determinism(deterministic: bool, use_cuda: bool) -> None:
     """CPU: deterministic algorithms (resumed runs are bit-identical). CUDA: the same, but warn-only, since some
     backward kernels the nets need (nearest upsampling) have no deterministic CUDA version and would raise."""
@@ -271,7 +281,7 @@ def _configure_determinism(deterministic: bool, use_cuda: bool) -> None:
         if use_cuda:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=use_cuda)
+        _set_deterministic(True, warn_only=use_cuda)
     elif use_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -292,7 +302,7 @@ def train_stage(params, res: int, use_cuda: bool) -> dict:
     try:
         return _train(params, res, tp, env, device)
     finally:
-        torch.use_deterministic_algorithms(prev_deterministic, warn_only=prev_warn_only)
+        _set_deterministic(prev_deterministic, warn_only=prev_warn_only)
         dist.shutdown(env)
 
 
