@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = params_mod.load(args.params)
         os.chdir(params.root)
+        if args.command in STAGES:
+            from progan import workspace
+
+            workspace.check_for_stage(params.root)
         module = importlib.import_module(args._module)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
         with _gpu_lease(args.command, params):

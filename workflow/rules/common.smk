@@ -4,7 +4,7 @@ import os
 
 from snakemake.exceptions import WorkflowError
 
-from progan import gpus, paths, pipeline
+from progan import gpus, paths, pipeline, workspace
 from progan import params as progan_params
 from progan.errors import ProganError
 
@@ -73,6 +73,12 @@ def res_inputs(name):
 
 
 onstart:
+    # Refuse while DVC works on this workspace; our jobs carry PROGAN_DRIVER so they pass the reverse check.
+    try:
+        workspace.check_for_snakemake(Path.cwd())
+    except ProganError as err:
+        raise WorkflowError(str(err)) from None
+    os.environ[workspace.DRIVER_ENV] = "snakemake"
     # One MLflow parent run per invocation, created (with the SQLite store) before any job starts:
     # a fresh mlflow.db opened by several jobs at once gets corrupted.
     shell("progan track-start --params params.yaml")
