@@ -146,7 +146,8 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
            "model": dataclasses.asdict(G.net.cfg),
            "G_ema": state, "alpha": G.alpha}
     with atomic_path(out, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # a file object keeps the bytes independent of the temp name
+            torch.save(obj, f)
         check = networks.load_generator(tmp, "cpu").state_dict()    # never leave a file load_generator cannot read
         if check.keys() != state.keys() or not all(torch.equal(v, state[k]) for k, v in check.items()):
             raise ProganError(f"--out {out}: the written file does not read back as the same G_ema; nothing written")

@@ -68,9 +68,12 @@ def set_rng_state(state: dict) -> None:
 # Save / load.
 
 def save(path: str | Path, obj: dict) -> None:
-    """torch.save to a temp file beside `path`, then rename (a killed process never leaves half a file)."""
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+    """torch.save to a temp file beside `path`, then rename (a killed process never leaves half a file).
+
+    Saved through a file object: given a path, torch.save names the zip's inner folder after the (random) temp
+    file, so identical checkpoints would differ in bytes and DVC would re-run every stage downstream."""
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _load(path: Path, what: str, fix: str) -> dict:
