@@ -172,7 +172,7 @@ def test_train_4_then_8(project):
     assert ck4["format"] == "progan-checkpoint" and ck4["version"] == 1 and ck4["res_px"] == 4
     assert ck4["cur_nimg"] == 104 and ck4["total_kimg"] == pytest.approx(0.104)   # 13 minibatches of 8
     assert ck4["prev_checkpoint_sha256"] is None and ck4["alpha"] == 1.0
-    assert ck4["model"]["latent_dim"] == 16 and ck4["params"]["train"]["stages"]["4"]["batch"] == 8
+    assert ck4["model"]["latent_dim"] == 16 and ck4["params"]["train.stages.4"]["batch"] == 8 and "evaluate" not in ck4["params"]
     assert ck4["opt_G"]["param_groups"][0]["betas"] == (0.0, 0.99)
     assert info4["kimg"] == pytest.approx(0.104)
 

@@ -128,6 +128,23 @@ def _mlflow_runs(ws: Path, params):
     return client, parents, children
 
 
+def _check_each_stage_resumed_from_the_one_before(ws: Path) -> None:
+    import hashlib
+
+    import torch
+
+    for r in RES:
+        ckpt = torch.load(ws / paths.checkpoint(r), weights_only=True)
+        assert ckpt["res_px"] == r
+        if r == 4:
+            assert ckpt["prev_checkpoint_sha256"] is None
+        else:
+            prev = hashlib.sha256((ws / paths.checkpoint(r // 2)).read_bytes()).hexdigest()
+            assert ckpt["prev_checkpoint_sha256"] == prev
+            prev_ckpt = torch.load(ws / paths.checkpoint(r // 2), weights_only=True)
+            assert ckpt["total_kimg"] > prev_ckpt["total_kimg"]
+
+
 def _check_first_mlflow_run(ws: Path, params) -> None:
     """One parent (all params, final SWD per stage, the report), one child per stage (losses per tick with
     step = images shown, SWD per level, the sample grid), read back through MlflowClient."""
@@ -174,6 +191,7 @@ def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
     for r in RES:
         assert (ws / paths.eval_json(r)).exists()
     assert (ws / paths.REPORT_HTML).exists()
+    _check_each_stage_resumed_from_the_one_before(ws)
     _check_first_mlflow_run(ws, params)
     for what, value, expected, _ in CASES:
         _apply(ws, what, value)

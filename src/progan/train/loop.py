@@ -459,13 +459,21 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
                 "model": dataclasses.asdict(nets.cfg), "G": _cpu(nets.G.state_dict()), "D": _cpu(nets.D.state_dict()),
                 "G_ema": _cpu(nets.G_ema.state_dict()), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
                 "cur_nimg": cur_nimg, "total_kimg": total_kimg, "alpha": alpha, "rng": state.get_rng_state(),
-                "params": params.to_dict(), "prev_checkpoint_sha256": nets.prev_sha256})
+                "params": _stage_params(params, res), "prev_checkpoint_sha256": nets.prev_sha256})
             tr.log_metrics({"img_per_s": info["img_per_s"], "seconds": seconds}, step_kimg=total_kimg)
             shutil.rmtree(paths.resume_dir(res), ignore_errors=True)
             log.info("train %d px: done, %.1f kimg in %.0f s (%.1f img/s) -> %s", res, cur_nimg / 1000, seconds,
                      info["img_per_s"], paths.checkpoint(res))
         dist.barrier(env)
     return info
+
+
+def _stage_params(params, res: int) -> dict:
+    """The params this stage ran with: exactly the keys it declares to Snakemake and DVC (pipeline.py), so a
+    change to another key (say evaluate.num_images) cannot change the checkpoint's bytes and re-run what follows."""
+    from progan import pipeline
+
+    return params.subset(pipeline.stage(params, "train", res).params)
 
 
 def _cpu(sd: dict) -> dict:

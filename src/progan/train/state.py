@@ -6,7 +6,7 @@ Both load with `torch.load(weights_only=True)`: only tensors, numbers, strings, 
 Checkpoint (`results/<R>/checkpoint.pt`):
     {"format": "progan-checkpoint", "version": 1, "res_px", "model": asdict(ModelConfig), "G", "D", "G_ema",
      "opt_G", "opt_D", "cur_nimg" (images of this stage), "total_kimg" (all stages so far), "alpha", "rng",
-     "params": params.to_dict(), "prev_checkpoint_sha256": str | None}
+     "params": {dotted key: value} for the keys the stage declares, "prev_checkpoint_sha256": str | None}
 Snapshot (`results/<R>/.resume/snapshot.pt`): the same networks/optimizers plus what the loop needs to
 continue bit-identically (RNG states, sampler state, loss rows, timers); format "progan-snapshot".
 """
