@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from progan import paths
-from progan.fileio import read_json, write_json
+from progan.fileio import read_json, sha256_file, write_json
 from progan.log import log
 
 PARENT_ENV = "PROGAN_MLFLOW_PARENT_RUN_ID"
@@ -271,20 +270,13 @@ def _child_run_id(client, exp_id: str, parent_id: str, params, res: int) -> str:
         return _retry(client.create_run, exp_id, tags=tags, run_name=f"stage {int(res)}px").info.run_id
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _training_run_id(client, exp_id: str, params, res: int) -> str | None:
     """The child that trained the checkpoint now in results/<res>/ (matched by its sha256), if any."""
     ckpt = Path(params.root) / paths.checkpoint(res)
     if not ckpt.is_file():
         return None
-    flt = f"tags.`{STAGE_TAG}` = '{int(res)}' and tags.`progan.checkpoint_sha256` = '{_sha256(ckpt)}'"
+    flt = f"tags.`{STAGE_TAG}` = '{int(res)}' and tags.`progan.checkpoint_sha256` = '{sha256_file(ckpt)}'"
     runs = _retry(client.search_runs, [exp_id], filter_string=flt, max_results=1,
                   order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
@@ -398,7 +390,7 @@ def _close_stage(tracker: StageTracker, params, res: int, job: str, status: str)
                     _retry(tracker._client.log_artifact, tracker.run_id, str(root / rel))
             ckpt = root / paths.checkpoint(res)
             if job == "train" and ckpt.is_file():
-                for key, value in (("progan.trained", "true"), ("progan.checkpoint_sha256", _sha256(ckpt))):
+                for key, value in (("progan.trained", "true"), ("progan.checkpoint_sha256", sha256_file(ckpt))):
                     _retry(tracker._client.set_tag, tracker.run_id, key, value)
         _retry(tracker._client.set_terminated, tracker.run_id, status)
 

@@ -9,7 +9,6 @@ Images stream through in chunks of `pyramid.chunk_images`, so data larger than R
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from progan import paths
 from progan.errors import ProganError
-from progan.fileio import atomic_path, write_json
+from progan.fileio import atomic_path, sha256_file, write_json
 from progan.log import log, progress
 
 
@@ -44,13 +43,6 @@ def _load_png(path: Path, size_px: int) -> np.ndarray:
                           f"re-run `progan crop`")
     return arr
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run(params) -> dict:
@@ -83,7 +75,7 @@ def run(params) -> dict:
         "num_images": n,
         "size_px": size_px,
         "levels": {str(r): {"path": paths.pyramid_level(r), "shape": [n, r, r, 3], "dtype": "uint8",
-                            "sha256": _sha256(paths.pyramid_level(r))} for r in resolutions},
+                            "sha256": sha256_file(paths.pyramid_level(r))} for r in resolutions},
     }
     write_json(paths.PYRAMID_INFO, info)
     mb = sum(n * r * r * 3 for r in resolutions) / 1e6

@@ -12,7 +12,6 @@ continue bit-identically (RNG states, sampler state, loss rows, timers); format 
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import random
 import zipfile
@@ -22,20 +21,13 @@ import numpy as np
 import torch
 
 from progan.errors import ProganError
-from progan.fileio import atomic_path
+from progan.fileio import atomic_path, sha256_file
 
 CHECKPOINT_FORMAT = "progan-checkpoint"
 SNAPSHOT_FORMAT = "progan-snapshot"
 VERSION = 1
 SNAPSHOT_NAME = "snapshot.pt"
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
