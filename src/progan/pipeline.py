@@ -27,7 +27,8 @@ SOURCES: dict[str, list[str]] = {
     "pyramid": ["src/progan/data/pyramid.py"],
     "train": _MODEL + ["src/progan/train/loop.py", "src/progan/train/loss.py", "src/progan/train/schedule.py",
                        "src/progan/train/state.py", "src/progan/train/data.py", "src/progan/train/dist.py"],
-    "evaluate": _MODEL + ["src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/msssim.py"],
+    "evaluate": _MODEL + ["src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/swd_reference.py",
+                          "src/progan/metrics/msssim.py"],
     "report": _MODEL + ["src/progan/report/__init__.py", "src/progan/report/html.py", "src/progan/report/plots.py"],
 }
 
