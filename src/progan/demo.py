@@ -51,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [snakemake, "--snakefile", str(repo_root() / "Snakefile"), "--directory", args.workdir,
            "--cores", args.cores]
     print("+ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env={**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    bin_dir = str(Path(sys.executable).parent)  # the rules call `progan`: make this environment's the one found
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.call(cmd, env=env)
