@@ -182,6 +182,7 @@ def _check_reused_stages_are_linked(ws: Path, params) -> None:
     assert len(children) == len(RES) + 1
 
 
+@pytest.mark.xdist_group("e2e_snakemake")
 def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
     ws, params = _workspace(tmp_path, image_server)
     before = _stamp(ws, params)
@@ -205,6 +206,7 @@ def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
     assert "Nothing to be done" in plan
 
 
+@pytest.mark.xdist_group("e2e_dvc")
 def test_dvc_full_run_then_only_what_changed(tmp_path, image_server):
     ws, params = _workspace(tmp_path, image_server)
     _check(_dvc(ws, "init", "--no-scm", "-q"))
