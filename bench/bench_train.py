@@ -8,6 +8,11 @@ one of train/loop.py (`train_step`), re-timed part by part with the same calls:
     D_fwd  D on reals and fakes (d_loss without penalty);  D_bwd  its backward
     GP     gradient penalty forward + its double backward
     opt_D / opt_G  Adam steps;  G_step  G forward + D forward + backward for the G loss;  EMA  G_ema lerp
+    other  the rest of the wall time of a step (Python, allocator, loop bookkeeping)
+FLOPs of one training image, counted with torch.utils.flop_counter.FlopCounterMode on one minibatch (matmul and
+conv ops, forward and backward; elementwise ops are not counted, as usual): G forward, D forward+backward on reals
+and fakes, the penalty's forward + double backward, and the G step. Achieved FLOP/s = counted FLOPs / measured
+step time, against this device's measured peak (a large fp32 matmul on the CPU; fp32 and bf16 matmuls on CUDA).
 Real data: a pyramid built from CelebA images (../shared/data/celeba-aligned-2k) in bench/out/.
 
     .venv/bin/python bench/bench_train.py [--steps 4] [--threads N] [--paper-res 4 8] [--tiny-res 4 8 16 32]
@@ -36,6 +41,7 @@ from progan import params as params_mod, paths  # noqa: E402
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals  # noqa: E402
 from progan.train import data, loop  # noqa: E402
 from progan.train.loss import d_loss, g_loss, gradient_penalty  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
 OUT = REPO / "bench" / "out"
@@ -85,6 +91,64 @@ class Timer:
         self.t[name] += time.perf_counter() - t0
 
 
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """FLOP/s of a large square matmul: the practical peak this device reaches (2 n^3 FLOPs per product)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ModuleTracker: its module hooks make torch.autograd.grad (the penalty's
+    create_graph=True backward) fail with "A leaf node was passed to _will_engine_execute_node" (torch 2.14).
+    Only the global total is used here."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def count_flops(params, res: int, device: torch.device) -> dict:
+    """FLOPs per training image, by part, counted on one minibatch of the training step's own calls."""
+    tp, batch = params.train, int(params.stage(res).batch)
+    cfg = ModelConfig.from_params(params)
+    torch.manual_seed(0)
+    G, D = Generator(cfg, res).to(device), Discriminator(cfg, res).to(device)
+    alpha = 0.5 if res > 4 else 1.0
+    reals = torch.rand(batch, 3, res, res, device=device) * 2 - 1
+    z = torch.randn(batch, cfg.latent_dim, device=device)
+    counts = {}
+
+    def count(name, fn):
+        fc = FlopCounterMode(display=False)
+        fc.mod_tracker = _GlobalOnly()
+        with fc:
+            out = fn()
+        counts[name] = fc.get_total_flops() / batch
+        return out
+
+    with torch.no_grad():
+        fakes = count("G_fwd", lambda: G(z, alpha))
+    count("D_fwd_bwd", lambda: d_loss(D, reals, fakes, alpha, tp.loss, 0.0, tp.drift_weight)[0].backward())
+    count("GP_fwd_double_bwd", lambda: (tp.gp_weight * gradient_penalty(D, reals, fakes, alpha)).backward())
+    D.requires_grad_(False)
+    count("G_step", lambda: g_loss(D, G(z, alpha), alpha, tp.loss).backward())
+    counts["total"] = sum(counts.values())
+    return counts
+
+
 def bench_res(params, res: int, steps: int, device: torch.device) -> dict:
     tp, batch = params.train, int(params.stage(res).batch)
     cfg = ModelConfig.from_params(params)
@@ -131,8 +195,12 @@ def bench_res(params, res: int, steps: int, device: torch.device) -> dict:
             loop.ema_update(G_ema, G, tp.ema_decay)
     wall = time.perf_counter() - wall0
     per_step_ms = {k: 1000 * v / steps for k, v in timer.t.items()}
-    return {"res_px": res, "batch": batch, "steps": steps, "img_s": steps * batch / wall,
+    per_step_ms["other"] = max(0.0, 1000 * wall / steps - sum(per_step_ms.values()))
+    flops = count_flops(params, res, device)
+    img_s = steps * batch / wall
+    return {"res_px": res, "batch": batch, "steps": steps, "img_s": img_s,
             "step_ms": 1000 * wall / steps, "parts_ms": per_step_ms,
+            "flops_per_img": flops, "achieved_flop_s": flops["total"] * img_s,
             "G_params": sum(p.numel() for p in G.parameters()), "D_params": sum(p.numel() for p in D.parameters())}
 
 
@@ -148,6 +216,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
+    peak = [(name, matmul_peak_flops(device, dt)) for name, dt in dtypes]
+    if device.type == "cuda":
+        peak.sort(key=lambda p: p[0] != "bf16")       # the issue's target is against the bf16 matmul peak
+    print("measured matmul peak: " + ", ".join(f"{n} {v / 1e9:.1f} GFLOP/s" for n, v in peak), flush=True)
     results = []
     cwd = os.getcwd()
     for name, res_list, steps in (("tiny", args.tiny_res, args.steps), ("paper", args.paper_res, args.paper_steps)):
@@ -161,11 +234,17 @@ def main() -> None:
                 r = {"config": name, **bench_res(params, res, steps, device)}
                 results.append(r)
                 parts = " ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
+                nets = 100 * (1 - (r["parts_ms"]["data"] + r["parts_ms"]["other"]) / r["step_ms"])
                 print(f"{name:5s} {res:3d}px batch {r['batch']}: {r['img_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step"
-                      f"  [{parts}] ms", flush=True)
+                      f"  [{parts}] ms  networks {nets:.0f}%", flush=True)
+                f = r["flops_per_img"]
+                print(f"      FLOPs/img: G_fwd {f['G_fwd'] / 1e6:.2f}M  D_fwd_bwd {f['D_fwd_bwd'] / 1e6:.2f}M  "
+                      f"GP {f['GP_fwd_double_bwd'] / 1e6:.2f}M  G_step {f['G_step'] / 1e6:.2f}M  "
+                      f"total {f['total'] / 1e9:.3f} GFLOP;  achieved {r['achieved_flop_s'] / 1e9:.2f} GFLOP/s "
+                      f"= {100 * r['achieved_flop_s'] / peak[0][1]:.1f}% of {peak[0][0]} peak", flush=True)
         finally:
             os.chdir(cwd)
-    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    meta = {"device": str(device), "matmul_peak_flop_s": dict(peak), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "note": "shared machine: figures vary with load"}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
