@@ -1,16 +1,21 @@
 """Atomic file writes: every output is written to a temp file in the same folder, then renamed.
 
-A killed process leaves either the old file or the new one, never half of one.
+A killed process leaves either the old file or the new one, never half of one. Its temp file
+(`.<name>.tmp-<pid>-XXXXXXXX<suffix>`) is removed by the next write of the same file, once that pid is gone.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+_WRITING: set[str] = set()   # temp files this process is writing now
 
 
 @contextlib.contextmanager
@@ -21,9 +26,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _WRITING.add(tmp_path.name)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
@@ -36,6 +43,33 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        _WRITING.discard(tmp_path.name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete the temp files of `path` left by writers that were killed: their pid no longer runs, or it is this
+    process's pid (reused, as in a fresh container) and this process is not writing that file."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"(\d+)-")
+    for old in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):
+        m = pattern.match(old.name)
+        if not m or old.name in _WRITING:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or not _pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
