@@ -6,14 +6,20 @@ A killed process leaves either the old file or the new one, never half of one. I
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from progan.errors import ProganError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 _WRITING: set[str] = set()   # temp files this process is writing now
 
@@ -23,8 +29,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync and rename it onto `path`, else delete it.
 
     `suffix` keeps extensions that writers look at (np.save adds .npy, PIL picks the format).
+    A full disk or quota (ENOSPC, EDQUOT, also when wrapped, as torch.save does) becomes a one-line ProganError
+    naming `path`; the previous `path` is untouched and the temp file is gone. An OSError whose `filename` names
+    another file's temp passes through to that file's atomic_path (nested ones, as in the pyramid).
     """
     path = Path(path)
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix, dir=path.parent)
@@ -39,12 +49,45 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        full = None if isinstance(e, ProganError) else disk_full_cause(e)
+        if full is not None and full.filename in (None, str(tmp_path)):
+            raise disk_full_error(path, existed, full) from e
         raise
     finally:
         _WRITING.discard(tmp_path.name)
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `exc` (itself, or in its __cause__ / __context__ chain), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _mount_point(folder: Path) -> str:
+    p = os.path.abspath(folder)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def disk_full_error(path: Path, existed: bool, err: OSError) -> ProganError:
+    """`<path>: disk full while writing (N MB free on <mount>); free some space and run the same command again; ...`"""
+    what = "disk quota exceeded" if err.errno == errno.EDQUOT else "disk full"
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free on {_mount_point(path.parent)}"
+    except OSError:
+        free = f"free space of {path.parent} unknown"
+    kept = f"the previous {path.name} is untouched" if existed else f"no partial {path.name} was left"
+    return ProganError(f"{path}: {what} while writing ({free}); free some space and run the same command again; "
+                       f"{kept}")
 
 
 def _pid_alive(pid: int) -> bool:

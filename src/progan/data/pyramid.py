@@ -1,14 +1,17 @@
 """The resolution pyramid: data/pyramid/<res>.npy for res = 4, 8, ..., crop.size.
 
-Each level is one uint8 array [N, res, res, 3] written with `np.lib.format.open_memmap`, so training
-reads it by memmap. As the official `dataset_tool.py` (tkarras/progressive_growing_of_gans,
-TFRecordExporter.add_image) does, each level is the 2x2 box average of the level above computed in
-float32 from the *unrounded* values, and only the stored copy is rounded (np.rint, clip).
+Each level is one uint8 .npy array [N, res, res, 3] that training reads by memmap. It is written front to
+back with plain writes (header, then chunk after chunk), not through a memmap: a full disk is then an ENOSPC
+error (fileio.atomic_path turns it into one line naming the level) rather than a SIGBUS on a sparse page.
+As the official `dataset_tool.py` (tkarras/progressive_growing_of_gans, TFRecordExporter.add_image) does,
+each level is the 2x2 box average of the level above computed in float32 from the *unrounded* values, and
+only the stored copy is rounded (np.rint, clip).
 Images stream through in chunks of `pyramid.chunk_images`, so data larger than RAM works.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +48,26 @@ def _load_png(path: Path, size_px: int) -> np.ndarray:
 
 
 
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy header of a C-order uint8 array (the bytes np.lib.format.open_memmap writes)."""
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def _write_all(f, tmp: Path, data) -> None:
+    """Write every byte of `data` to the unbuffered file `f` (the temp file `tmp`). An OSError is tagged with
+    `tmp`, so that atomic_path names the level that failed, not the last level opened."""
+    view = memoryview(data).cast("B")
+    try:
+        while view:
+            view = view[f.write(view):]
+    except OSError as e:
+        e.filename = e.filename or str(tmp)
+        raise
+
+
 def run(params) -> dict:
     t0 = time.time()
     size_px = int(params.crop.size)
@@ -58,19 +81,18 @@ def run(params) -> dict:
 
     with contextlib.ExitStack() as stack:
         tmp_paths = {r: stack.enter_context(atomic_path(paths.pyramid_level(r), suffix=".npy")) for r in resolutions}
-        arrays = {r: np.lib.format.open_memmap(tmp_paths[r], mode="w+", dtype=np.uint8, shape=(n, r, r, 3))
-                  for r in resolutions}
+        outs = {r: stack.enter_context(open(tmp_paths[r], "wb", buffering=0)) for r in resolutions}
+        for r in resolutions:
+            _write_all(outs[r], tmp_paths[r], _npy_header((n, r, r, 3)))
         with ThreadPoolExecutor(max_workers=4) as pool, progress(total=n, desc="pyramid", unit="img") as bar:
             for start in range(0, n, chunk):
                 batch = files[start:start + chunk]
                 top = np.stack(list(pool.map(lambda p: _load_png(p, size_px), batch)))
                 for level in downsample_levels(top, len(resolutions)):
-                    arrays[level.shape[1]][start:start + len(batch)] = level
+                    r = level.shape[1]
+                    _write_all(outs[r], tmp_paths[r], np.ascontiguousarray(level).data)
                 bar.update(len(batch))
-        for r in resolutions:
-            arrays[r].flush()
-            del arrays[r]
-        # Leaving the ExitStack renames every level into place (all of them, or none on error).
+        # Leaving the ExitStack closes the files and renames every level into place (all of them, or none on error).
     info = {
         "num_images": n,
         "size_px": size_px,
