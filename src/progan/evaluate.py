@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from progan import paths
-from progan.errors import ProganError
+from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import write_json
 from progan.log import log, progress
 from progan.metrics import msssim as msssim_mod
@@ -90,18 +90,17 @@ def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, devi
     batch = max(2, batch - batch % 2)          # even batches: a pair never straddles two batches
     keep = _image_buffer(num_keep, res, spill_dir)
     pair_scores = []
-    bar = progress(total=len(z), desc=f"evaluate {res}px: generate", unit="img")
-    for start in range(0, len(z), batch):
-        stop = min(start + batch, len(z))
-        images = to_uint8(G(z[start:stop].to(device)))                             # [B, R, R, 3]
-        if start < num_keep:
-            keep[start:min(stop, num_keep)] = images[:num_keep - start]
-        pairs_end = min(stop, 2 * num_pairs) - start
-        if pairs_end >= 2:
-            pairs = images[:pairs_end - pairs_end % 2]
-            pair_scores.append(msssim_mod.msssim_per_pair(pairs[0::2], pairs[1::2], device))
-        bar.update(stop - start)
-    bar.close()
+    with progress(total=len(z), desc=f"evaluate {res}px: generate", unit="img") as bar:   # closed on errors too
+        for start in range(0, len(z), batch):
+            stop = min(start + batch, len(z))
+            images = to_uint8(G(z[start:stop].to(device)))                         # [B, R, R, 3]
+            if start < num_keep:
+                keep[start:min(stop, num_keep)] = images[:num_keep - start]
+            pairs_end = min(stop, 2 * num_pairs) - start
+            if pairs_end >= 2:
+                pairs = images[:pairs_end - pairs_end % 2]
+                pair_scores.append(msssim_mod.msssim_per_pair(pairs[0::2], pairs[1::2], device))
+            bar.update(stop - start)
     score = float(torch.cat(pair_scores).mean()) if pair_scores else None
     return keep, score
 
@@ -174,12 +173,11 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
                     repeats=int(ev.swd_repeats), seed=seed, batch=batch, device=device,
                     spill_dir=paths.stage_dir(res))
     levels = len(swd_mod.level_sizes_px(res))
-    bar = progress(total=2 * levels * (n + half), desc=f"evaluate {res}px: SWD", unit="img")
-    swd = swd_mod.swd(real_rows, fakes, tick=bar.update, **swd_opts)
-    log.info("evaluate %dpx: SWD x1e3 reals vs fakes %s", res, _fmt(swd))
-    swd_rr = swd_mod.swd(_Rows(reals, perm[:half]), _Rows(reals, perm[half:2 * half]), tick=bar.update,
-                         **swd_opts)
-    bar.close()
+    with progress(total=2 * levels * (n + half), desc=f"evaluate {res}px: SWD", unit="img") as bar:
+        swd = swd_mod.swd(real_rows, fakes, tick=bar.update, **swd_opts)
+        log.info("evaluate %dpx: SWD x1e3 reals vs fakes %s", res, _fmt(swd))
+        swd_rr = swd_mod.swd(_Rows(reals, perm[:half]), _Rows(reals, perm[half:2 * half]), tick=bar.update,
+                             **swd_opts)
     log.info("evaluate %dpx: SWD x1e3 real half vs real half (noise floor) %s", res, _fmt(swd_rr))
     del fakes
 
@@ -231,7 +229,12 @@ def run(params, res: int) -> dict:
     tracking = _tracking()
     run_ctx = tracking.stage_run(params, res=res, job="evaluate") if tracking else contextlib.nullcontext()
     with run_ctx as tr:
-        result = evaluate(params, res, inputs)
+        try:
+            result = evaluate(params, res, inputs)
+        except torch.cuda.OutOfMemoryError as e:
+            raise out_of_memory_error(e, f"evaluate {res} px", "evaluate.batch", params.evaluate.batch,
+                                      f"progan evaluate --res {res}",
+                                      f"{paths.checkpoint(res)} and any previous {paths.eval_json(res)} are untouched") from e
         write_json(paths.eval_json(res), result)       # inside the run: attached as an artifact on exit
         if tr is not None:
             tr.log_metrics(_mlflow_metrics(result), step_kimg=result["total_kimg"])

@@ -30,6 +30,7 @@ import csv
 import io
 import os
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from progan import paths
-from progan.errors import ProganError
+from progan.errors import ProganError, out_of_memory_error
 from progan.log import log, progress
 from progan.data.images import ImageError, load_rgb
 
@@ -217,6 +218,20 @@ def _detect_capped(detector: Detector, images: list[np.ndarray]) -> list[list]:
     return results
 
 
+def _detect(detector: Detector | None, rows: list[Row], batch_images: int) -> list[list]:
+    """Faces per decoded row ([] each without a detector); a CUDA out-of-memory error says to lower crop.batch_images."""
+    if detector is None or not rows:
+        return [[] for _ in rows]
+    try:
+        return _detect_capped(detector, [r.image for r in rows])
+    except Exception as e:
+        torch = sys.modules.get("torch")                # imported by the torch detector, if that is the one
+        if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        raise out_of_memory_error(e, "crop", "crop.batch_images", batch_images, "progan crop",
+                                  f"{paths.FACES_DIR} is untouched (the crops start over)") from e
+
+
 def choose_face(faces: list, min_confidence: float):
     """(face, note): the most confident face with p >= min_confidence (ties: larger box); (None, reason)."""
     ok = [f for f in faces if f.score >= min_confidence]
@@ -367,35 +382,34 @@ def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out
     tiles: list[np.ndarray] = []
     kept = 0
     start = last_log = time.time()
-    bar = progress(total=len(files), desc="crop", unit="img")
-    for batch in _decoded(files, root, crop, crop.batch_images):
-        todo = [r for r in batch if r.image is not None]
-        found_per_image = _detect_capped(detector, [r.image for r in todo]) if detector and todo else [[]] * len(todo)
-        for row, found in zip(todo, found_per_image):
-            face = None
-            if detector is not None:
-                face, row.reason = choose_face(found, crop.min_confidence)
-            try:
-                out = crop_row(row, face, crop.detector, crop) if face is not None or detector is None else None
-            except ValueError as e:
-                row.reason, out = str(e), None
-            if out is None:
-                continue
-            name = f"{kept:06d}.png"
-            (out_dir / name).write_bytes(_encode_png(out))
-            row.status, row.out = "kept", f"{paths.FACES_IMAGES_DIR}/{name}"
-            kept += 1
-            if len(tiles) < PREVIEW_CROPS:
-                tiles.append(_tile(out))
-        for row in batch:
-            row.image = None                       # free the decoded pixels
-        rows += batch
-        bar.update(len(batch))
-        bar.set_postfix(kept=kept, skipped=len(rows) - kept)
-        if time.time() - last_log > LOG_EVERY_S:
-            last_log = time.time()
-            log.info(f"crop: {len(rows)}/{len(files)} images, kept {kept}, {len(rows) / (last_log - start):.1f} img/s")
-    bar.close()
+    with progress(total=len(files), desc="crop", unit="img") as bar:     # closed on errors too
+        for batch in _decoded(files, root, crop, crop.batch_images):
+            todo = [r for r in batch if r.image is not None]
+            found_per_image = _detect(detector, todo, crop.batch_images)
+            for row, found in zip(todo, found_per_image):
+                face = None
+                if detector is not None:
+                    face, row.reason = choose_face(found, crop.min_confidence)
+                try:
+                    out = crop_row(row, face, crop.detector, crop) if face is not None or detector is None else None
+                except ValueError as e:
+                    row.reason, out = str(e), None
+                if out is None:
+                    continue
+                name = f"{kept:06d}.png"
+                (out_dir / name).write_bytes(_encode_png(out))
+                row.status, row.out = "kept", f"{paths.FACES_IMAGES_DIR}/{name}"
+                kept += 1
+                if len(tiles) < PREVIEW_CROPS:
+                    tiles.append(_tile(out))
+            for row in batch:
+                row.image = None                       # free the decoded pixels
+            rows += batch
+            bar.update(len(batch))
+            bar.set_postfix(kept=kept, skipped=len(rows) - kept)
+            if time.time() - last_log > LOG_EVERY_S:
+                last_log = time.time()
+                log.info(f"crop: {len(rows)}/{len(files)} images, kept {kept}, {len(rows) / (last_log - start):.1f} img/s")
     return rows, tiles
 
 

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from progan import gpus, paths
-from progan.errors import ProganError
+from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import atomic_path, write_json, write_text
 from progan.log import log, progress
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals, load_grown
@@ -400,8 +400,11 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
             z_d = latents(params.seed, res, step_nimg, 2, sched.batch, nets.cfg.latent_dim)[env.rank::env.world]
             z_g = latents(params.seed, res, step_nimg, 3, sched.batch, nets.cfg.latent_dim)[env.rank::env.world]
             mix = gp_mix(params.seed, res, step_nimg, sched.batch)[env.rank::env.world]
-            stats += train_step(nets, opt_G, opt_D, reals, z_d.to(device), z_g.to(device), mix.to(device), alpha,
-                                tp, env.world, autocast)
+            try:
+                stats += train_step(nets, opt_G, opt_D, reals, z_d.to(device), z_g.to(device), mix.to(device), alpha,
+                                    tp, env.world, autocast)
+            except torch.cuda.OutOfMemoryError as e:
+                raise _out_of_memory(e, res, sched, step_nimg, phase, resume_path, last_snapshot_kimg) from e
             tick_steps += 1
             cur_nimg = step_nimg + sched.batch
             if bar is not None:
@@ -466,6 +469,20 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
                      info["img_per_s"], paths.checkpoint(res))
         dist.barrier(env)
     return info
+
+
+def _out_of_memory(err, res: int, sched, step_nimg: int, phase: str, resume_path: Path,
+                   snapshot_kimg: float | None) -> ProganError:
+    """CUDA OOM in a training step: lower train.stages.<res>.batch. A snapshot resumes only with the batch it was
+    made with (_snapshot_key), so the message says the stage then restarts from the previous checkpoint."""
+    start = paths.checkpoint(res // 2) if res > 4 else "scratch"
+    if snapshot_kimg is None:
+        kept = f"no snapshot yet; the stage restarts from {start}" + (", which is untouched" if res > 4 else "")
+    else:
+        kept = (f"the snapshot {resume_path} (stage kimg {snapshot_kimg:.3f}) is kept, but it resumes only with "
+                f"batch {sched.batch}: with a lower batch the stage restarts from {start}")
+    return out_of_memory_error(err, f"train {res} px at stage kimg {step_nimg / 1000:.3f} ({phase})",
+                               f"train.stages.{res}.batch", sched.batch, f"progan train --res {res}", kept)
 
 
 def _stage_params(params, res: int) -> dict:
