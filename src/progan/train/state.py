@@ -12,9 +12,8 @@ continue bit-identically (RNG states, sampler state, loss rows, timers); format 
 """
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +70,17 @@ def save(path: str | Path, obj: dict) -> None:
 def _load(path: Path, what: str, fix: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file (KeyError for text)
+        text = " ".join(str(e).split())
+        blocked = re.search(r"unsupported GLOBAL (\S+)", text)   # the weights_only unpickler's refusal
+        if blocked:
+            raise ProganError(f"{path}: refused: it holds pickled objects or code ({blocked.group(1)}) that "
+                              f"weights_only loading does not allow; it is not a {what} (do not load untrusted "
+                              f"files); {fix}") from None
+        inner = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        reason = (inner.group(1) if inner else first_line) if first_line and not isinstance(e, LookupError) \
+            else type(e).__name__
         raise ProganError(f"{path}: truncated or not a {what} ({reason}); {fix}") from None
     if not isinstance(obj, dict):
         raise ProganError(f"{path}: not a {what} (holds a {type(obj).__name__}); {fix}")
