@@ -561,7 +561,7 @@ def _build_cases() -> list[Case]:
                     "faces.zip.part is kept: run the same command again to resume"), argv=("download",),
               make=http("/faces.zip", stop_after_bytes=3000), server=True, check=_part_kept,
               may_write=("data/raw/downloads", "data/raw/downloads/.faces.zip.source.json",
-                         "data/raw/downloads/faces.zip.part"), note=".part kept; a re-run resumes with Range"),
+                         "data/raw/downloads/faces.zip.part"), note=".part kept so a re-run resumes"),
         _case("download-http-404", Error("HTTP 404 Not Found; check data.url"), argv=("download",),
               make=lambda ws, ctx: ctx.params["data"].update(source="url", url=ctx.server.url + "/nope.zip"),
               server=True, may_write=("data/raw/downloads",)),
@@ -848,10 +848,10 @@ def table_markdown() -> str:
             command = f"progan download; {command}"
         outcome = _describe(c.outcome) + (f" ({c.note})" if c.note else "")
         if isinstance(c.outcome, Error):
-            files = [g for g in c.may_write if "." in g.rsplit("/", 1)[-1]]
+            files = [g for g in c.may_write if not any(h.startswith(g + "/") for h in c.may_write)]
             lost = "every earlier file identical" + (f"; writes only {', '.join(files)}" if files else "")
         else:
-            lost = "data/faces replaced whole; pyramid, checkpoint identical"
+            lost = "data/faces replaced whole; sources, pyramid, checkpoint identical"
         cells = [c.id, f"`{command}`", outcome, lost]
         rows.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", "\\n") for x in cells) + " |")
     return "\n".join(rows)
