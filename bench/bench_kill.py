@@ -1,0 +1,209 @@
+"""Crash and resume, 20 times: SIGKILL one real `progan train --res 8` at random moments, re-run it after each
+kill, and compare the final checkpoint with an uninterrupted run's (issue #7).
+
+Tiny nets (latent 16, fmap_base 64, fmap_max 16) on the CPU, one intra-op thread, train.deterministic; a 4 and
+8 px pyramid from real CelebA images (../shared/data/celeba-aligned-2k); stage 8 = --kimg (half fade-in, half
+stabilise), a snapshot every --snapshot-kimg, a log line every --tick-kimg (how far a killed run had got).
+Each kill lands at start + u * window, u ~ U(0, 1) seeded, where start is when the uninterrupted run first
+wrote to stderr (interpreter and imports up) and window is the uninterrupted run's time for --window-kimg of
+training (default 2.5 snapshot intervals), so the 20 kills spread over the stage and each run gets on average
+about one snapshot further. A run that ends before its kill ends the series. Reports: bit-identical yes/no (checkpoint tensors and bytes, samples.png, losses.tsv without
+timings), kimg lost per kill (last logged kimg minus the snapshot the next run resumes from: work redone, a lower
+bound by up to one tick), and the wall-clock overhead of all runs against the uninterrupted one.
+
+    .venv/bin/python bench/bench_kill.py [--kills 20] [--kimg 2.0] [--snapshot-kimg 0.1] [--window-kimg 0.25]
+Writes bench/out/bench_kill.json; exits 1 unless bit-identical. Run by hand (~1.5 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
+OUT = REPO / "bench" / "out"
+PROGAN = str(Path(sys.executable).with_name("progan"))
+NO_MLFLOW = "sqlite:////proc/progan-no-mlflow/mlflow.db"     # fails in milliseconds: MLflow stays out of the way
+TICK = re.compile(r"train 8px kimg ([0-9.]+) \(total")
+
+
+def make_root(root: Path, n_images: int, kimg: float, snapshot_kimg: float, tick_kimg: float) -> Path:
+    """params.yaml (crop.size 8, tiny nets, CPU) + data/pyramid/{4,8}.npy from real CelebA (center square, PIL box)."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["crop"]["size"] = 8
+    p["model"].update(latent_dim=16, fmap_base=64, fmap_max=16)
+    p["train"].update(gpus=0, num_workers=0, deterministic=True, snapshot_kimg=snapshot_kimg, tick_kimg=tick_kimg,
+                      stages={"4": {"batch": 8, "lr": 0.001, "transition_kimg": 0, "stabilize_kimg": 0.1},
+                              "8": {"batch": 8, "lr": 0.001, "transition_kimg": kimg / 2, "stabilize_kimg": kimg / 2}})
+    p["mlflow"]["tracking_uri"] = NO_MLFLOW
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "data" / "pyramid").mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    top = []
+    for f in sorted(CELEBA.glob("*.jpg"))[:n_images]:
+        im = Image.open(f).convert("RGB")
+        w, h = im.size
+        t = (h - w) // 2
+        top.append(np.asarray(im.crop((0, t, w, t + w)).resize((8, 8), Image.BOX)))
+    top = np.stack(top)
+    np.save(root / "data/pyramid/8.npy", top)
+    np.save(root / "data/pyramid/4.npy", np.rint(top.reshape(-1, 4, 2, 4, 2, 3).mean(axis=(2, 4))).astype(np.uint8))
+    return root / "params.yaml"
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": NO_MLFLOW,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+
+
+def run_train(params: Path, res: int, kill_after_s: float | None = None) -> dict:
+    """One `progan train` process, SIGKILLed after `kill_after_s` unless it ends first.
+    Returns rc, wall_s, first_output_s (first byte on stderr), last_kimg (last tick line)."""
+    cmd = [PROGAN, "train", "--res", str(res), "--params", str(params)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = {"first": None, "kimg": 0.0, "text": []}
+
+    def read():
+        for line in iter(proc.stderr.readline, b""):
+            if seen["first"] is None:
+                seen["first"] = time.monotonic() - t0
+            text = line.decode(errors="replace")
+            seen["text"].append(text)
+            if m := TICK.search(text):
+                seen["kimg"] = float(m.group(1))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if kill_after_s is not None:
+        while proc.poll() is None and time.monotonic() - t0 < kill_after_s:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.kill()
+    rc = proc.wait()
+    wall_s = time.monotonic() - t0
+    reader.join(timeout=10)
+    if rc not in (0, -9):
+        sys.exit(f"progan train --res {res} failed (rc {rc}):\n{''.join(seen['text'][-20:])}")
+    return {"rc": rc, "wall_s": wall_s, "first_output_s": seen["first"] or wall_s, "last_kimg": seen["kimg"],
+            "stderr": "".join(seen["text"])}
+
+
+def snapshot_kimg(root: Path) -> float:
+    snap = root / "results/8/.resume/snapshot.pt"
+    if not snap.exists():
+        return 0.0
+    return torch.load(snap, weights_only=True)["cur_nimg"] / 1000
+
+
+def loss_columns(path: Path) -> list:
+    return [line.split("\t")[:9] for line in path.read_text().splitlines()]   # all but img_s, seconds
+
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_tensors, a, b))
+    return a == b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kimg", type=float, default=2.0, help="stage 8 length (fade-in + stabilise)")
+    ap.add_argument("--snapshot-kimg", type=float, default=0.1)
+    ap.add_argument("--window-kimg", type=float, default=0.25, help="kills land within this much training")
+    ap.add_argument("--tick-kimg", type=float, default=0.016, help="log interval (2 minibatches of 8)")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    root = OUT / "kill"
+    params = make_root(root, args.images, args.kimg, args.snapshot_kimg, args.tick_kimg)
+    if run_train(params, 4)["rc"] != 0:
+        sys.exit("train --res 4 failed")
+
+    ref = run_train(params, 8)
+    shutil.move(root / "results/8", root / "ref8")
+    start_s, work_s = ref["first_output_s"], ref["wall_s"] - ref["first_output_s"]
+    print(f"uninterrupted: {ref['wall_s']:.2f} s ({start_s:.2f} s until the first output, {work_s:.2f} s of work "
+          f"for {args.kimg} kimg)", flush=True)
+
+    rng = random.Random(args.seed)
+    kills, runs_s, done = [], [], False
+    for k in range(args.kills):
+        resume_kimg = snapshot_kimg(root)
+        delay_s = start_s + rng.random() * work_s * args.window_kimg / args.kimg
+        r = run_train(params, 8, kill_after_s=delay_s)
+        runs_s.append(r["wall_s"])
+        if r["rc"] == 0:
+            print(f"kill {k + 1}: run ended before its kill at {delay_s:.2f} s; series over", flush=True)
+            done = True
+            break
+        after = snapshot_kimg(root)
+        got = max(r["last_kimg"], resume_kimg)
+        kills.append({"kill": k + 1, "at_s": round(delay_s, 3), "resumed_from_kimg": resume_kimg,
+                      "reached_kimg": got, "snapshot_after_kimg": after, "lost_kimg": round(max(got - after, 0.0), 3)})
+        print(f"kill {k + 1:2d} at {delay_s:5.2f} s: resumed from kimg {resume_kimg:.3f}, reached >= {got:.3f}, "
+              f"snapshot on disk {after:.3f}, lost {kills[-1]['lost_kimg']:.3f} kimg", flush=True)
+    if not done:
+        final = run_train(params, 8)
+        runs_s.append(final["wall_s"])
+        if final["rc"] != 0:
+            sys.exit("the final run failed")
+
+    a = torch.load(root / "ref8/checkpoint.pt", weights_only=True)
+    b = torch.load(root / "results/8/checkpoint.pt", weights_only=True)
+    checks = {
+        "checkpoint_tensors": same_tensors(a, b),
+        "checkpoint_bytes": (root / "ref8/checkpoint.pt").read_bytes() == (root / "results/8/checkpoint.pt").read_bytes(),
+        "samples_png": (root / "ref8/samples.png").read_bytes() == (root / "results/8/samples.png").read_bytes(),
+        "losses_tsv": loss_columns(root / "ref8/losses.tsv") == loss_columns(root / "results/8/losses.tsv"),
+        "no_resume_state_left": not (root / "results/8/.resume").exists(),
+        "no_temp_files_left": not [p for p in root.rglob(".*.tmp*")],
+    }
+    lost = [k["lost_kimg"] for k in kills]
+    total_s = sum(runs_s)
+    summary = {
+        "kills": len(kills), "runs": len(runs_s), "bit_identical": all(checks.values()), "checks": checks,
+        "kimg_lost_per_kill_mean": round(float(np.mean(lost)), 4) if lost else 0.0,
+        "kimg_lost_per_kill_max": round(float(np.max(lost)), 4) if lost else 0.0,
+        "kimg_lost_total": round(float(np.sum(lost)), 3), "stage_kimg": args.kimg, "snapshot_kimg": args.snapshot_kimg,
+        "window_kimg": args.window_kimg,
+        "uninterrupted_s": round(ref["wall_s"], 2), "all_runs_s": round(total_s, 2),
+        "overhead_s": round(total_s - ref["wall_s"], 2), "overhead_x": round(total_s / ref["wall_s"], 2),
+        "startup_s_per_run": round(start_s, 2),
+    }
+    meta = {"torch": torch.__version__, "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "seed": args.seed,
+            "note": "shared machine: seconds vary with load"}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench_kill.json").write_text(json.dumps({"meta": meta, "summary": summary, "kills": kills}, indent=2) + "\n")
+    print(f"bit-identical to the uninterrupted run: {'yes' if summary['bit_identical'] else 'NO'} {checks}")
+    print(f"{len(kills)} kills, {len(runs_s)} runs: kimg lost per kill mean {summary['kimg_lost_per_kill_mean']:.3f} "
+          f"max {summary['kimg_lost_per_kill_max']:.3f} (snapshot every {args.snapshot_kimg} kimg), "
+          f"{summary['kimg_lost_total']:.2f} kimg redone of {args.kimg}")
+    print(f"wall: uninterrupted {ref['wall_s']:.1f} s, all runs {total_s:.1f} s: overhead {summary['overhead_s']:.1f} s "
+          f"({summary['overhead_x']:.1f}x; {start_s:.1f} s of start-up per run)")
+    print(json.dumps(meta))
+    sys.exit(0 if summary["bit_identical"] else 1)
+
+
+if __name__ == "__main__":
+    main()
