@@ -193,6 +193,7 @@ def tmpfs(tmp_path):
     """A 4 MB tmpfs at tmp_path/disk (unmounted afterwards); skipped where mounting is not allowed."""
     where = tmp_path / "disk"
     where.mkdir()
+    cwd = os.getcwd()                  # restored before unmounting: later tests in this process need their cwd
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("a real tmpfs needs root with CAP_SYS_ADMIN (mount -t tmpfs); the injected variants ran")
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
@@ -201,7 +202,7 @@ def tmpfs(tmp_path):
     try:
         yield where
     finally:
-        os.chdir(tmp_path)
+        os.chdir(cwd)
         subprocess.run(["umount", "-l", str(where)], check=True)
 
 
