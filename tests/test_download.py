@@ -371,6 +371,13 @@ def test_extract_replaces_previous_tree(tmp_path):
     assert archive.extract(zip_with(tmp_path / "a.zip", "sub/2.jpg"), dest, max_total_bytes=1 << 30) == 2
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.jpg")) == ["ok/1.jpg", "sub/2.jpg"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    # An archive without images is refused before the previous tree is touched.
+    no_images = tmp_path / "b.zip"
+    with zipfile.ZipFile(no_images, "w") as z:
+        z.writestr("readme.txt", "no faces here")
+    with pytest.raises(ProganError, match="b.zip: the archive holds no image files .*nothing was extracted"):
+        archive.extract(no_images, dest, max_total_bytes=1 << 30, require_suffixes=frozenset({".jpg"}))
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.jpg")) == ["ok/1.jpg", "sub/2.jpg"]
 
 
 def test_safe_parts():

@@ -144,8 +144,10 @@ def _open(path: Path, fmt: str, stream: bool = False):
 
 
 def extract(archive_path: str | os.PathLike, dest: str | os.PathLike, *,
-            max_total_bytes: int, max_ratio: float = MAX_RATIO) -> int:
+            max_total_bytes: int, max_ratio: float = MAX_RATIO, require_suffixes: frozenset[str] = frozenset()) -> int:
     """Check every member, then unpack the regular files into `dest` (replaced whole). Returns the file count.
+    With `require_suffixes`, an archive with no file of those suffixes is refused before anything is written
+    (so an old `dest` is not replaced by a useless tree).
 
     Two passes: the first reads only the headers (nothing is written when any member is refused), the
     second writes. A tar is re-read as a stream in the second pass and every member is checked again.
@@ -164,6 +166,10 @@ def extract(archive_path: str | os.PathLike, dest: str | os.PathLike, *,
             members = list(_members(arc, name))
         total = check_bomb(members, archive_path.stat().st_size, name,
                            max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+        if require_suffixes and not any(not m.is_dir and PurePosixPath(m.parts[-1]).suffix.lower() in require_suffixes
+                                        for m in members):
+            raise ProganError(f"{name}: the archive holds no image files ({', '.join(sorted(require_suffixes))}); "
+                              f"nothing was extracted, check data.url")
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the unpacked tree is an ordinary readable folder
         with _open(archive_path, fmt, stream=True) as arc:

@@ -374,7 +374,7 @@ def unpack(download: Path, images_dir: Path, *, max_total_bytes: int) -> list[Pa
     if _read_state(marker) == stamp:
         log.info("%s already unpacked into %s", download.name, images_dir)
     else:
-        archive.extract(download, images_dir, max_total_bytes=max_total_bytes)
+        archive.extract(download, images_dir, max_total_bytes=max_total_bytes, require_suffixes=IMAGE_EXTENSIONS)
         write_json(marker, stamp)
     files = list_images(images_dir)
     if not files:

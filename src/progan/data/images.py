@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 100_000_000   # params.yaml crop.max_image_pixels
+DEFAULT_MAX_PIXELS = 89_478_485    # params.yaml crop.max_image_pixels (Pillow's Image.MAX_IMAGE_PIXELS)
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Errors Pillow's decoders raise for corrupt data (besides UnidentifiedImageError, an OSError).
