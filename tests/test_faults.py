@@ -325,3 +325,28 @@ def test_out_of_memory_in_crop_names_crop_batch_images(tmp_path, monkeypatch, ca
         "in params.yaml and run `progan crop` again; data/faces is untouched (the crops start over)"), line
     assert previous.read_text() == "previous crops\n"
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".faces")]
+
+
+def test_disk_full_writing_crops_is_one_line_and_keeps_the_previous_faces(tmp_path, monkeypatch, capsys):
+    """Crops are written into a temp folder with plain writes (not atomic_path): the CLI still names the disk."""
+    params = write_params(tmp_path, crop__size=32, crop__detector="center", mlflow__tracking_uri=NO_MLFLOW,
+                          train__stages={str(r): _stage(4, 0, 1) for r in (4, 8, 16, 32)})
+    tsv = tmp_path / paths.IMAGES_LIST
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("path\tbytes\n" + "".join(f"{f}\t0\n" for f in sorted(CELEBA_DIR.glob("*.jpg"))[:2]))
+    previous = tmp_path / paths.FACES_MANIFEST
+    previous.parent.mkdir(parents=True)
+    previous.write_text("previous crops\n")
+    monkeypatch.chdir(tmp_path)
+    real_write_bytes = Path.write_bytes
+
+    def full(self, data):
+        real_write_bytes(self, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    rc, line = _cli(capsys, "crop", "--params", str(params))
+    assert rc == 1 and line.startswith("progan crop: error: disk full (") and line.endswith(
+        "); free some space and run the same command again (finished outputs are untouched)"), line
+    assert previous.read_text() == "previous crops\n"
+    assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".faces")]
