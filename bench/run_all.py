@@ -19,7 +19,7 @@ RUNS = [
     ("training step", ["bench_train.py", "--threads", "2"]),
     # 16,384 images at 128 px: ~3 min on an idle 2-core CPU; the numpy reference runs on 512 and is extrapolated.
     ("SWD 16,384 images at 128 px", ["bench_swd.py"]),
-    # 20 SIGKILLs on a tiny train@8, re-run after each, vs an uninterrupted run: ~70 s (mostly interpreter start-up).
+    # 20 SIGKILLs on a tiny train@8, re-run after each, vs an uninterrupted run: ~80 s (mostly interpreter start-up).
     ("crash and resume (train@8, 20 SIGKILLs)", ["bench_kill.py"]),
 ]
 
