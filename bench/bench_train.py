@@ -149,11 +149,13 @@ def count_flops(params, res: int, device: torch.device) -> dict:
     return counts
 
 
-def bench_res(params, res: int, steps: int, device: torch.device) -> dict:
+def bench_res(params, res: int, steps: int, device: torch.device, channels_last: bool = False) -> dict:
     tp, batch = params.train, int(params.stage(res).batch)
     cfg = ModelConfig.from_params(params)
     torch.manual_seed(0)
     G, D = Generator(cfg, res).to(device), Discriminator(cfg, res).to(device)
+    if channels_last:                                     # as train/loop.py does with train.channels_last
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_G, opt_D = loop.make_optimizer(G, params, res), loop.make_optimizer(D, params, res)
     images = data.open_level(res)
@@ -167,7 +169,8 @@ def bench_res(params, res: int, steps: int, device: torch.device) -> dict:
         nimg = step * batch
         with timer("data"):
             idx, flip = sampler.indices(nimg, batch)
-            reals = data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip), device)
+            reals = data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip), device,
+                                   channels_last)
             reals = fade_reals(reals, alpha) if res > 4 else reals
             z_d = loop.latents(params.seed, res, nimg, 2, batch, cfg.latent_dim).to(device)
             z_g = loop.latents(params.seed, res, nimg, 3, batch, cfg.latent_dim).to(device)
@@ -212,6 +215,7 @@ def main() -> None:
     ap.add_argument("--tiny-res", type=int, nargs="*", default=[4, 8, 16, 32])
     ap.add_argument("--paper-res", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--paper-steps", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true", help="nets and reals in channels_last (train.channels_last)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,7 +235,7 @@ def main() -> None:
         try:
             params = params_mod.load(params_path)
             for res in res_list:
-                r = {"config": name, **bench_res(params, res, steps, device)}
+                r = {"config": name, **bench_res(params, res, steps, device, args.channels_last)}
                 results.append(r)
                 parts = " ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
                 nets = 100 * (1 - (r["parts_ms"]["data"] + r["parts_ms"]["other"]) / r["step_ms"])
@@ -244,10 +248,12 @@ def main() -> None:
                       f"= {100 * r['achieved_flop_s'] / peak[0][1]:.1f}% of {peak[0][0]} peak", flush=True)
         finally:
             os.chdir(cwd)
-    meta = {"device": str(device), "matmul_peak_flop_s": dict(peak), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    meta = {"device": str(device), "channels_last": args.channels_last, "matmul_peak_flop_s": dict(peak),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "note": "shared machine: figures vary with load"}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    out = OUT / ("bench_train_channels_last.json" if args.channels_last else "bench_train.json")
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(json.dumps(meta))
 
 
