@@ -7,7 +7,6 @@ line on stderr and exit status 1; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -116,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # anything unexpected: one line, traceback only with --debug
         if args.debug:
             raise
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # writes outside fileio.atomic_path
-            print(f"progan {args.command}: error: disk full ({e.filename or e.strerror}); free some space and run "
-                  f"the same command again (finished outputs are untouched)", file=sys.stderr)
+        from progan.fileio import disk_full_cause
+
+        full = disk_full_cause(e)                      # writes outside fileio.atomic_path (crop's PNGs)
+        if full is not None:
+            print(f"progan {args.command}: error: disk full ({full.filename or full.strerror}); free some space "
+                  f"and run the same command again (finished outputs are untouched)", file=sys.stderr)
             return 1
         print(f"progan {args.command}: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
