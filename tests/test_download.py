@@ -2,6 +2,7 @@
 CelebA JPEGs from /work/shared/data/celeba-aligned-2k, real files. Only Google Drive (the internet) is faked."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -79,18 +80,27 @@ class RangeHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+@contextlib.contextmanager
+def serving(handler=None):
+    """A real http.server on 127.0.0.1 (a free port) in a thread: `srv.files[path] = bytes` to serve them."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler or RangeHandler)
     srv.files, srv.requests, srv.ignore_range, srv.stop_after_bytes = {}, [], False, None
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with serving() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

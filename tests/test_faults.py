@@ -104,12 +104,17 @@ def _disk_fills_on(monkeypatch, module, name: str, room: int, skip: int = 0) -> 
     return handed
 
 
-def test_disk_full_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
-    params = make_project(tmp_path, mlflow__tracking_uri=NO_MLFLOW)
-    monkeypatch.chdir(tmp_path)
+def _trained_stage_4(root: Path, monkeypatch, capsys) -> tuple[Path, Path, bytes]:
+    """A tiny project in `root` (the cwd) with stage 4 trained: (params.yaml, checkpoint path, its bytes)."""
+    params = make_project(root, mlflow__tracking_uri=NO_MLFLOW)
+    monkeypatch.chdir(root)
     assert _cli(capsys, "train", "--res", "4", "--params", str(params))[0] == 0
-    ckpt = tmp_path / paths.checkpoint(4)
-    before = ckpt.read_bytes()
+    ckpt = root / paths.checkpoint(4)
+    return params, ckpt, ckpt.read_bytes()
+
+
+def test_disk_full_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    params, ckpt, before = _trained_stage_4(tmp_path, monkeypatch, capsys)
 
     filling = _disk_fills_on(monkeypatch, state, "checkpoint.pt", room=5000)
     rc, line = _cli(capsys, "train", "--res", "4", "--params", str(params))
@@ -217,11 +222,7 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
 
 
 def test_real_full_tmpfs_checkpoint(tmpfs, monkeypatch, capsys):
-    params = make_project(tmpfs, mlflow__tracking_uri=NO_MLFLOW)
-    monkeypatch.chdir(tmpfs)
-    assert _cli(capsys, "train", "--res", "4", "--params", str(params))[0] == 0
-    ckpt = tmpfs / paths.checkpoint(4)
-    before = ckpt.read_bytes()
+    params, ckpt, before = _trained_stage_4(tmpfs, monkeypatch, capsys)
     leave = 24 * 1024                           # room for losses.tsv, samples.png, train.json; not the checkpoint
     assert len(before) > 2 * leave
     filler = _fill(tmpfs, leave)
@@ -279,10 +280,7 @@ def test_out_of_memory_in_training_names_the_batch_and_the_snapshot(tmp_path, mo
 
 
 def test_out_of_memory_in_the_first_step_of_stage_8(tmp_path, monkeypatch, capsys):
-    params = make_project(tmp_path, mlflow__tracking_uri=NO_MLFLOW)
-    monkeypatch.chdir(tmp_path)
-    assert _cli(capsys, "train", "--res", "4", "--params", str(params))[0] == 0
-    before = (tmp_path / paths.checkpoint(4)).read_bytes()
+    params, _, before = _trained_stage_4(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(networks.Generator, "forward", _raise_oom)
     rc, line = _cli(capsys, "train", "--res", "8", "--params", str(params))
     assert rc == 1 and line == (

@@ -28,7 +28,6 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 from PIL import Image
 
 from helpers import CELEBA_DIR, tiny_params, tool_env
-from test_download import RangeHandler, sha256
+from test_download import RangeHandler, serving, sha256
 from test_resume import _assert_same_tensors, _loss_columns
 from test_train import NO_MLFLOW
 
@@ -92,14 +91,8 @@ class SlowHandler(RangeHandler):
 
 @pytest.fixture(scope="module")
 def slow_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    srv.files, srv.requests, srv.ignore_range, srv.stop_after_bytes = {}, [], False, None
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(SlowHandler) as srv:
+        yield srv
 
 
 # ---------------------------------------------------------------- stages
