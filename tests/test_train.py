@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from progan import params as params_mod, paths
+from progan.fileio import sha256_file
 from progan.errors import ProganError
 from progan.train import data, loop, state
 
@@ -194,7 +194,7 @@ def test_train_4_then_8(project):
 
     # Stage 8 starts from stage 4: every stage-4 tensor is loaded as is; G_ema's new layers copy G's.
     nets8 = loop.build_networks(p, 8)
-    assert nets8.prev_sha256 == state.sha256_file(ck4_path)
+    assert nets8.prev_sha256 == sha256_file(ck4_path)
     for name in ("G", "D", "G_ema"):
         own = getattr(nets8, name).state_dict()
         for k, v in ck4[name].items():
@@ -205,7 +205,7 @@ def test_train_4_then_8(project):
 
     info8 = loop.run(p, res=8)
     ck8 = torch.load(paths.checkpoint(8), weights_only=True)
-    assert ck8["prev_checkpoint_sha256"] == state.sha256_file(ck4_path)
+    assert ck8["prev_checkpoint_sha256"] == sha256_file(ck4_path)
     assert ck8["cur_nimg"] == 104 and ck8["total_kimg"] == pytest.approx(0.208)
     assert info8["grown_keys"] == len(nets8.grown_keys)
     rows8 = [r.split("\t") for r in Path(paths.losses_tsv(8)).read_text().splitlines()[1:]]

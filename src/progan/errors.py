@@ -15,3 +15,27 @@ def out_of_memory_error(err: BaseException, where: str, key: str, value, command
     detail = m.group(0) if m else (text.splitlines()[0][:120] if text else type(err).__name__)
     return ProganError(f"{where}: CUDA out of memory ({detail}); lower {key} (now {value}) in params.yaml and run "
                        f"`{command}` again; {kept}")
+
+
+def torch_load_failure(err: BaseException) -> tuple[str | None, str, bool]:
+    """What a failed `torch.load(..., weights_only=True)` means: (the global the weights_only unpickler refused to
+    import, or None; a short reason for one line; whether the weights_only unpickler itself stopped, e.g. at an
+    opcode it does not read). torch.load raises many types for a bad file (KeyError for a text file,
+    RuntimeError for a cut zip, UnpicklingError from the safe unpickler)."""
+    import re
+
+    text = " ".join(str(err).split())
+    blocked = re.search(r"unsupported GLOBAL (\S+)", text)
+    if blocked:
+        return blocked.group(1), "pickled objects or code that weights_only loading does not allow", True
+    inner = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    if inner:
+        return None, inner.group(1), True
+    first_line = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return None, (first_line if first_line and not isinstance(err, LookupError) else type(err).__name__), False
+
+
+def refused_code_error(path, blocked: str, what: str, fix: str = "") -> ProganError:
+    """The one message for a file whose pickle imports code (refused by weights_only loading)."""
+    return ProganError(f"{path}: refused: it holds pickled objects or code ({blocked}) that weights_only loading "
+                       f"does not allow; it is not a {what} (do not load untrusted files)" + (f"; {fix}" if fix else ""))

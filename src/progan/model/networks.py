@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from progan.errors import ProganError
+from progan.errors import ProganError, refused_code_error, torch_load_failure
 from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
                                  leaky_relu, minibatch_stddev, pixel_norm, upsample2x)
 
@@ -276,11 +275,6 @@ def load_grown(net: nn.Module, prev_state: Mapping[str, Tensor]) -> list[str]:
     return [k for k in own if k not in prev_state]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__
-
-
 def _read_checkpoint(path: Path, device) -> dict:
     if not path.is_file():
         raise ProganError(f"{path}: checkpoint not found; run the train stage that writes it first")
@@ -293,16 +287,15 @@ def _read_checkpoint(path: Path, device) -> dict:
         raise ProganError(f"{path}: checkpoint is truncated or corrupt ({why}); re-run the train stage that writes it")
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise ProganError(f"{path}: refused: it holds pickled objects or code that weights_only loading does "
-                              f"not allow; it is not a progan checkpoint (do not load untrusted files)") from None
-        raise ProganError(f"{path}: not a progan checkpoint ({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - any other reader failure is a bad file, reported in one line
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported in one line
+        blocked, reason, by_unpickler = torch_load_failure(e)
+        if blocked:
+            raise refused_code_error(path, blocked, "progan checkpoint") from None
         if is_zip:
-            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({_first_line(e)}); "
+            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({reason}); "
                               f"re-run the train stage that writes it") from None
-        raise ProganError(f"{path}: not a progan checkpoint (not a torch.save file: {_first_line(e)})") from None
+        how = f"weights_only loading refused it: {reason}; do not load untrusted files" if by_unpickler else reason
+        raise ProganError(f"{path}: not a progan checkpoint (not a torch.save file; {how})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT, GENERATOR_FORMAT):
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ProganError(f"{path}: not a progan checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")

@@ -36,7 +36,7 @@ from PIL import Image
 
 from progan import gpus, paths
 from progan.errors import ProganError, out_of_memory_error
-from progan.fileio import atomic_path, write_json, write_text
+from progan.fileio import atomic_path, sha256_file, write_json, write_text
 from progan.log import log, progress
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals, load_grown
 from progan.train import data, dist, schedule, state
@@ -131,7 +131,7 @@ def build_networks(params, res: int) -> Nets:
     with torch.no_grad():
         for k in grown_ema:
             G_ema.state_dict()[k].copy_(g_state[k])
-    return Nets(G, D, G_ema, cfg, prev, state.sha256_file(prev_path), sorted(grown))
+    return Nets(G, D, G_ema, cfg, prev, sha256_file(prev_path), sorted(grown))
 
 
 def make_optimizer(net: torch.nn.Module, params, res: int) -> torch.optim.Adam:

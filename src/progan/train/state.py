@@ -13,14 +13,13 @@ continue bit-identically (RNG states, sampler state, loss rows, timers); format 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from progan.errors import ProganError
-from progan.fileio import atomic_path, sha256_file
+from progan.errors import ProganError, refused_code_error, torch_load_failure
+from progan.fileio import atomic_path
 
 CHECKPOINT_FORMAT = "progan-checkpoint"
 SNAPSHOT_FORMAT = "progan-snapshot"
@@ -70,17 +69,10 @@ def save(path: str | Path, obj: dict) -> None:
 def _load(path: Path, what: str, fix: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file (KeyError for text)
-        text = " ".join(str(e).split())
-        blocked = re.search(r"unsupported GLOBAL (\S+)", text)   # the weights_only unpickler's refusal
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported in one line
+        blocked, reason, _ = torch_load_failure(e)
         if blocked:
-            raise ProganError(f"{path}: refused: it holds pickled objects or code ({blocked.group(1)}) that "
-                              f"weights_only loading does not allow; it is not a {what} (do not load untrusted "
-                              f"files); {fix}") from None
-        inner = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
-        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        reason = (inner.group(1) if inner else first_line) if first_line and not isinstance(e, LookupError) \
-            else type(e).__name__
+            raise refused_code_error(path, blocked, what, fix) from None
         raise ProganError(f"{path}: truncated or not a {what} ({reason}); {fix}") from None
     if not isinstance(obj, dict):
         raise ProganError(f"{path}: not a {what} (holds a {type(obj).__name__}); {fix}")
