@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train  # noqa: E402  (its make_root: a pyramid of real CelebA faces)
+
 OUT = REPO / "bench" / "out"
 PROGAN = str(Path(sys.executable).with_name("progan"))
 NO_MLFLOW = "sqlite:////proc/progan-no-mlflow/mlflow.db"     # fails in milliseconds: MLflow stays out of the way
@@ -46,28 +47,17 @@ LOOP_START = "train 8 px on "
 
 
 def make_root(root: Path, n_images: int, kimg: float, snapshot_kimg: float, tick_kimg: float) -> Path:
-    """params.yaml (crop.size 8, tiny nets, CPU) + data/pyramid/{4,8}.npy from real CelebA (center square, PIL box)."""
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["crop"]["size"] = 8
-    p["model"].update(latent_dim=16, fmap_base=64, fmap_max=16)
+    """params.yaml (crop.size 8, tiny nets, CPU) + data/pyramid/{4,8}.npy from real CelebA (bench_train.make_root)."""
+    if root.exists():
+        shutil.rmtree(root)
+    params_path = bench_train.make_root(root, 8, n_images, bench_train.CONFIGS["tiny"], batch=8)
+    p = yaml.safe_load(params_path.read_text())
     p["train"].update(gpus=0, num_workers=0, deterministic=True, snapshot_kimg=snapshot_kimg, tick_kimg=tick_kimg,
                       stages={"4": {"batch": 8, "lr": 0.001, "transition_kimg": 0, "stabilize_kimg": 0.1},
                               "8": {"batch": 8, "lr": 0.001, "transition_kimg": kimg / 2, "stabilize_kimg": kimg / 2}})
     p["mlflow"]["tracking_uri"] = NO_MLFLOW
-    if root.exists():
-        shutil.rmtree(root)
-    (root / "data" / "pyramid").mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    top = []
-    for f in sorted(CELEBA.glob("*.jpg"))[:n_images]:
-        im = Image.open(f).convert("RGB")
-        w, h = im.size
-        t = (h - w) // 2
-        top.append(np.asarray(im.crop((0, t, w, t + w)).resize((8, 8), Image.BOX)))
-    top = np.stack(top)
-    np.save(root / "data/pyramid/8.npy", top)
-    np.save(root / "data/pyramid/4.npy", np.rint(top.reshape(-1, 4, 2, 4, 2, 3).mean(axis=(2, 4))).astype(np.uint8))
-    return root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(p, sort_keys=False))
+    return params_path
 
 
 def env() -> dict:

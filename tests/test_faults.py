@@ -306,16 +306,23 @@ def test_out_of_memory_in_evaluate_names_evaluate_batch(tmp_path, monkeypatch, c
     assert old.read_text() == '{"old": true}\n'
 
 
-def test_out_of_memory_in_crop_names_crop_batch_images(tmp_path, monkeypatch, capsys):
-    params = write_params(tmp_path, crop__size=32, crop__batch_images=2, mlflow__tracking_uri=NO_MLFLOW,
-                          train__stages={str(r): _stage(4, 0, 1) for r in (4, 8, 16, 32)})
-    tsv = tmp_path / paths.IMAGES_LIST
+def _crop_project(root: Path, monkeypatch, **overrides) -> tuple[Path, Path]:
+    """A 32 px project in `root` (the cwd) listing two real CelebA images, with a previous data/faces manifest:
+    (params.yaml, that manifest)."""
+    params = write_params(root, crop__size=32, mlflow__tracking_uri=NO_MLFLOW,
+                          train__stages={str(r): _stage(4, 0, 1) for r in (4, 8, 16, 32)}, **overrides)
+    tsv = root / paths.IMAGES_LIST
     tsv.parent.mkdir(parents=True)
     tsv.write_text("path\tbytes\n" + "".join(f"{f}\t0\n" for f in sorted(CELEBA_DIR.glob("*.jpg"))[:2]))
-    previous = tmp_path / paths.FACES_MANIFEST
+    previous = root / paths.FACES_MANIFEST
     previous.parent.mkdir(parents=True)
     previous.write_text("previous crops\n")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(root)
+    return params, previous
+
+
+def test_out_of_memory_in_crop_names_crop_batch_images(tmp_path, monkeypatch, capsys):
+    params, previous = _crop_project(tmp_path, monkeypatch, crop__batch_images=2)
     monkeypatch.setattr(mtcnn.RNet, "forward", _raise_oom)
     rc, line = _cli(capsys, "crop", "--params", str(params))
     assert rc == 1 and line == (
@@ -327,15 +334,7 @@ def test_out_of_memory_in_crop_names_crop_batch_images(tmp_path, monkeypatch, ca
 
 def test_disk_full_writing_crops_is_one_line_and_keeps_the_previous_faces(tmp_path, monkeypatch, capsys):
     """Crops are written into a temp folder with plain writes (not atomic_path): the CLI still names the disk."""
-    params = write_params(tmp_path, crop__size=32, crop__detector="center", mlflow__tracking_uri=NO_MLFLOW,
-                          train__stages={str(r): _stage(4, 0, 1) for r in (4, 8, 16, 32)})
-    tsv = tmp_path / paths.IMAGES_LIST
-    tsv.parent.mkdir(parents=True)
-    tsv.write_text("path\tbytes\n" + "".join(f"{f}\t0\n" for f in sorted(CELEBA_DIR.glob("*.jpg"))[:2]))
-    previous = tmp_path / paths.FACES_MANIFEST
-    previous.parent.mkdir(parents=True)
-    previous.write_text("previous crops\n")
-    monkeypatch.chdir(tmp_path)
+    params, previous = _crop_project(tmp_path, monkeypatch, crop__detector="center")
     real_write_bytes = Path.write_bytes
 
     def full(self, data):
