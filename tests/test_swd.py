@@ -170,6 +170,17 @@ def test_spilled_descriptors_equal_in_memory_ones(faces64, tmp_path):
     assert list(tmp_path.iterdir()) == []                       # the temp file was never linked
 
 
+def test_swd_with_spilled_buffers_equals_swd_in_ram(faces64, tmp_path):
+    """swd() reuses one descriptor buffer per set across levels (Buffers); spilled to an unlinked file
+    under spill_dir, the values are the same to the bit and nothing is left there."""
+    a, b = faces64[:24], noisy(faces64[24:48], 15)
+    opts = dict(descriptors_per_image=16, directions=8, repeats=2, seed=2, batch=10, device=CPU)
+    ram = S.swd(a, b, **opts)
+    assert list(ram) == ["swd_64", "swd_32", "swd_16", "swd_avg"]
+    assert S.swd(a, b, spill_dir=tmp_path, ram_bytes=0, **opts) == ram
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_constant_images_give_finite_values():
     grey = np.full((8, 16, 16, 3), 90, np.uint8)
     result = S.swd(grey, noisy(grey, 10), descriptors_per_image=8, directions=8, repeats=1, device=CPU)
