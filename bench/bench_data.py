@@ -3,7 +3,8 @@
 Crops: the first --n CelebA aligned faces (../shared/data/celeba-aligned-2k), centre-cropped to 178 px and
 resized to --size px with PIL (no MTCNN: this times the pyramid, not the detector), written as the crop stage
 writes them. Then `progan.data.pyramid.run` builds every level, and `progan.train.data.Batches` + `to_device`
-(the training loader) are timed per level at the default batch 16, with and without the prefetch thread.
+(the training loader) are timed per level at the default batch 16, with and without the prefetch thread, and
+with the level held in device memory (`train.data_on_device`; on a CPU that is a copy in RAM).
 
     .venv/bin/python bench/bench_data.py [--n 2010] [--size 128] [--batches 200]
 Writes bench/out/bench_data.json.
@@ -75,6 +76,14 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             row[f"img_s_prefetch{prefetch}"] = round(16 * args.batches / (time.perf_counter() - t0))
+        resident = data.resident_level(images, device)
+        t0 = time.perf_counter()
+        for _, x, flip in data.Batches(resident, sampler, 16, 0, 16 * args.batches):
+            y = data.to_device(x, flip, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row["img_s_on_device"] = round(16 * args.batches / (time.perf_counter() - t0))
+        del resident
         result["loader"][str(r)] = row
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench_data.json").write_text(json.dumps(result, indent=2))
@@ -82,7 +91,8 @@ def main() -> None:
           f"(includes PNG decode)")
     print("loader img/s (batch 16, device " + device.type + "):")
     for r, row in result["loader"].items():
-        print(f"  {r:>4} px  no prefetch {row['img_s_prefetch0']:>7}   prefetch thread {row['img_s_prefetch2']:>7}")
+        print(f"  {r:>4} px  no prefetch {row['img_s_prefetch0']:>7}   prefetch thread {row['img_s_prefetch2']:>7}"
+              f"   level on the device {row['img_s_on_device']:>7}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,50 @@ def test_batches_prefetch_equals_inline_and_splits_ranks_strided():
     assert torch.equal(r1, torch.from_numpy(images[idx[1::2]]))
 
 
+def test_batches_from_a_resident_level_equal_the_memmap_ones():
+    """train.data_on_device: the level held as one tensor gives the same batches (gathered where it lives)."""
+    images = np.random.default_rng(0).integers(0, 256, (12, 2, 2, 3), dtype=np.uint8)
+    resident = data.resident_level(images, torch.device("cpu"), chunk_bytes=40)   # 3 images per chunk
+    assert resident.dtype == torch.uint8 and torch.equal(resident, torch.from_numpy(images))
+    s = data.Sampler(12, 0, 2, mirror=True)
+    for rank, world in ((0, 1), (1, 2)):
+        host = [(n, x.clone(), f.clone()) for n, x, f in data.Batches(images, s, 4, 0, 20, rank, world, prefetch=0)]
+        dev = list(data.Batches(resident, s, 4, 0, 20, rank, world, prefetch=2))
+        assert len(host) == len(dev) == 5
+        for (n1, x1, f1), (n2, x2, f2) in zip(host, dev):
+            assert n1 == n2 and torch.equal(x1, x2) and torch.equal(f1, f2)
+
+
+def test_keep_on_device_decision():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gib = 2**30
+    assert data.keep_on_device("auto", 2 * gib, cuda, free_bytes=8 * gib)          # 1/4 of free memory
+    assert not data.keep_on_device("auto", 2 * gib + 1, cuda, free_bytes=8 * gib)
+    assert not data.keep_on_device("auto", 1, cpu)                                 # auto: CUDA only
+    assert data.keep_on_device(True, 100 * gib, cuda, free_bytes=1) and data.keep_on_device(True, 1, cpu)
+    assert not data.keep_on_device(False, 1, cuda, free_bytes=8 * gib)
+
+
+def test_level_held_in_memory_trains_the_same_checkpoint(tmp_path, monkeypatch):
+    """train.data_on_device true (on the CPU: the level copied to RAM) changes where batches are gathered,
+    not what they hold: the checkpoint's tensors equal those of the memmap run."""
+    ckpts, held = {}, []
+    resident_level = data.resident_level
+    monkeypatch.setattr(data, "resident_level", lambda *a, **k: held.append(a[0].shape) or resident_level(*a, **k))
+    for setting in (False, True):
+        root = tmp_path / str(setting)
+        path = make_project(root, stages={"4": _stage(8, 0, 0.05), "8": _stage(8, 0, 0.05)},
+                            train__data_on_device=setting)
+        monkeypatch.chdir(root)
+        with one_thread():
+            loop.run(params_mod.load(path), res=4)
+        ckpts[setting] = torch.load(paths.checkpoint(4), weights_only=True)
+    assert held == [(64, 4, 4, 3)]                                     # only the second run held the level
+    for name in ("G", "D", "G_ema"):
+        for k, v in ckpts[False][name].items():
+            assert torch.equal(v, ckpts[True][name][k]), (name, k)
+
+
 def test_pyramid_level_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ProganError, match=r"data/pyramid/8.npy not found: run `progan pyramid` first"):

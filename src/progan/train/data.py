@@ -6,7 +6,9 @@ so a resumed run draws exactly the batches an uninterrupted one would, with no s
 Mirror flips (official `process_reals` MirrorAugment) come from `default_rng([seed, R, 1, cur_nimg])`.
 Multi-GPU: every rank draws the same global batch and keeps rows rank::world (strided, so minibatch-stddev
 groups, which are strided too in the official networks.py, match the single-process ones).
-Batches cross to the device as uint8 and become float [-1, 1] NCHW there.
+Batches cross to the device as uint8 and become float [-1, 1] NCHW there. With `train.data_on_device` the
+whole level is copied to the device once (`resident_level`) and batches are gathered there: no host work
+and no host-to-device copy per step (the same indices and flips, so the same batches).
 """
 from __future__ import annotations
 
@@ -80,6 +82,36 @@ def read_batch(images: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+# train.data_on_device: auto keeps the level on a CUDA device when it takes at most this share of the memory
+# free there before training starts (CelebA 30k images at 64 px: 0.37 GB; at 128 px 1.5 GB; at 256 px 5.9 GB).
+DEVICE_DATA_FRACTION = 0.25
+
+
+def keep_on_device(setting, level_bytes: int, device: torch.device, free_bytes: int | None = None) -> bool:
+    """Whether to hold the pyramid level in `device` memory, for train.data_on_device `setting` (auto/true/false).
+
+    auto: only on CUDA, and only when the level fits in DEVICE_DATA_FRACTION of the free memory (`free_bytes`,
+    read from the device when None); true: always (on the CPU: a copy in RAM instead of the memmap).
+    """
+    if setting is True:
+        return True
+    if setting is False or device.type != "cuda":
+        return False
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return level_bytes <= DEVICE_DATA_FRACTION * free_bytes
+
+
+def resident_level(images: np.ndarray, device: torch.device, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+    """The memmapped level copied to one uint8 tensor [N, R, R, 3] on `device`, in chunks (no second whole
+    copy in host memory)."""
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    rows = max(1, chunk_bytes // max(1, images[0].nbytes))
+    for start in range(0, len(images), rows):
+        out[start:start + rows] = torch.from_numpy(np.ascontiguousarray(images[start:start + rows]))
+    return out
+
+
 def to_device(batch_u8: torch.Tensor, flip: torch.Tensor, device: torch.device,
               channels_last: bool = False) -> torch.Tensor:
     """uint8 [N, R, R, 3] (host) -> float32 [N, 3, R, R] in [-1, 1] on `device`, flips applied there.
@@ -97,7 +129,9 @@ def to_device(batch_u8: torch.Tensor, flip: torch.Tensor, device: torch.device,
 class Batches:
     """Iterate this rank's host minibatches from `start_nimg` up to `end_nimg`, optionally prefetched by a thread.
 
-    Yields (cur_nimg, uint8 tensor [batch/world, R, R, 3], flip bool tensor [batch/world]).
+    Yields (cur_nimg, uint8 tensor [batch/world, R, R, 3], flip bool tensor [batch/world]). `images` is the
+    memmap (batches gathered on the host) or a `resident_level` tensor (gathered on its device, no prefetch
+    thread: the gather is one asynchronous kernel).
     """
 
     def __init__(self, images: np.ndarray, sampler: Sampler, batch: int, start_nimg: int, end_nimg: int,
@@ -108,6 +142,8 @@ class Batches:
         self.images, self.sampler, self.batch = images, sampler, batch
         self.start_nimg, self.end_nimg = start_nimg, end_nimg
         self.rank, self.world, self.prefetch, self.pin = rank, world, prefetch, pin_memory
+        if isinstance(images, torch.Tensor):
+            self.prefetch, self.pin = 0, False
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,6 +151,8 @@ class Batches:
     def _make(self, cur_nimg: int):
         idx, flip = self.sampler.indices(cur_nimg, self.batch)
         idx, flip = idx[self.rank::self.world], flip[self.rank::self.world]
+        if isinstance(self.images, torch.Tensor):
+            return cur_nimg, self.images[torch.from_numpy(idx).to(self.images.device)], torch.from_numpy(flip)
         x = torch.from_numpy(read_batch(self.images, idx))
         if self.pin:
             x = x.pin_memory()

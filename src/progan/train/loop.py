@@ -317,6 +317,14 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
     # Data.
     images = data.open_level(res)
     sampler = data.Sampler(len(images), params.seed, res, tp.mirror_augment)
+    if data.keep_on_device(tp.data_on_device, images.nbytes, device):
+        try:
+            images = data.resident_level(images, device)
+        except torch.cuda.OutOfMemoryError:
+            raise ProganError(f"train {res} px: the pyramid level ({images.nbytes / 2**30:.2f} GiB) does not fit in "
+                              f"{device} memory: set train.data_on_device to auto or false") from None
+        log.info("train %d px: pyramid level (%d images, %.2f GiB) held in %s memory (train.data_on_device %s)",
+                 res, len(images), images.nbytes / 2**30, device, tp.data_on_device)
     if sched.batch % env.world:
         raise ProganError(f"params.yaml: train.stages.{res}.batch {sched.batch} must be divisible by the "
                           f"{env.world} GPUs")
