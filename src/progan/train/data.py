@@ -112,6 +112,16 @@ def resident_level(images: np.ndarray, device: torch.device, chunk_bytes: int = 
     return out
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (latents, indices) on `device` without a host sync: on CUDA a plain `.to(device)`
+    from pageable memory is cudaMemcpyAsync + cudaStreamSynchronize (ATen memcpy_and_sync), which makes the
+    host wait for every queued kernel each step; from pinned memory with non_blocking it is queued like a
+    kernel (the pinned block is kept until the copy has run by torch's caching host allocator)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(batch_u8: torch.Tensor, flip: torch.Tensor, device: torch.device,
               channels_last: bool = False) -> torch.Tensor:
     """uint8 [N, R, R, 3] (host) -> float32 [N, 3, R, R] in [-1, 1] on `device`, flips applied there.
@@ -120,7 +130,7 @@ def to_device(batch_u8: torch.Tensor, flip: torch.Tensor, device: torch.device,
     """
     x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)
     if bool(flip.any()):                              # checked on the host tensor: no device sync
-        f = flip.to(device, non_blocking=True)
+        f = host_to_device(flip, device)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return x
@@ -152,7 +162,7 @@ class Batches:
         idx, flip = self.sampler.indices(cur_nimg, self.batch)
         idx, flip = idx[self.rank::self.world], flip[self.rank::self.world]
         if isinstance(self.images, torch.Tensor):
-            return cur_nimg, self.images[torch.from_numpy(idx).to(self.images.device)], torch.from_numpy(flip)
+            return cur_nimg, self.images[host_to_device(torch.from_numpy(idx), self.images.device)], torch.from_numpy(flip)
         x = torch.from_numpy(read_batch(self.images, idx))
         if self.pin:
             x = x.pin_memory()

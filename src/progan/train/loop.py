@@ -409,7 +409,8 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
             z_g = latents(params.seed, res, step_nimg, 3, sched.batch, nets.cfg.latent_dim)[env.rank::env.world]
             mix = gp_mix(params.seed, res, step_nimg, sched.batch)[env.rank::env.world]
             try:
-                stats += train_step(nets, opt_G, opt_D, reals, z_d.to(device), z_g.to(device), mix.to(device), alpha,
+                stats += train_step(nets, opt_G, opt_D, reals, data.host_to_device(z_d, device),
+                                    data.host_to_device(z_g, device), data.host_to_device(mix, device), alpha,
                                     tp, env.world, autocast)
             except torch.cuda.OutOfMemoryError as e:
                 raise _out_of_memory(e, res, sched, step_nimg, phase, resume_path, last_snapshot_kimg) from e
