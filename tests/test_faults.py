@@ -252,6 +252,36 @@ def test_real_full_tmpfs_pyramid(tmpfs, monkeypatch, capsys):
     np.testing.assert_array_equal(np.load(tmpfs / paths.pyramid_level(16)), new)
 
 
+def test_real_full_tmpfs_scratch_file_is_refused_before_writing(tmpfs):
+    """SWD (and evaluate's generated images) spill to a memmapped scratch file; on a full disk a memmap write
+    is SIGBUS, which would kill the process. The whole file is reserved first, so it is one clear error."""
+    from progan.errors import ProganError
+    from progan.metrics import swd
+
+    images = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    opts = dict(descriptors_per_image=64, directions=4, repeats=1, device="cpu", spill_dir=tmpfs, ram_bytes=0)
+    filler = _fill(tmpfs, 64 * 1024)                     # one set's descriptors: 20 x 64 x 147 x 4 = 753 KB
+    with pytest.raises(ProganError, match=rf"^{tmpfs}: disk full: SWD descriptors needs a 1 MB scratch file there "
+                                          rf"\(0 MB free on {tmpfs}\); free some space and run the same command again$"):
+        swd.swd(images, images[::-1].copy(), **opts)
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+    filler.unlink()
+    assert swd.swd(images, images[::-1].copy(), **opts)["swd_16"] > 0
+
+
+def test_scratch_file_where_fallocate_is_unsupported_still_works(tmp_path, monkeypatch):
+    """File systems without fallocate (EOPNOTSUPP) get the memmap without a reservation."""
+    from progan import fileio
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    arr = fileio.scratch_array(tmp_path, ".x-", np.float32, (3, 5), "a test array")
+    arr[:] = 7
+    assert arr.shape == (3, 5) and float(arr.sum()) == 105 and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- CUDA out of memory
 
 def _raise_oom(*args, **kwargs):

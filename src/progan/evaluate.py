@@ -17,7 +17,6 @@ At 4 and 8 px the SWD has one level (see metrics/swd.py) and MS-SSIM fewer scale
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from progan import paths
 from progan.errors import ProganError, out_of_memory_error
-from progan.fileio import write_json
+from progan.fileio import scratch_array, write_json
 from progan.log import log, progress
 from progan.metrics import msssim as msssim_mod
 from progan.metrics import swd as swd_mod
@@ -67,8 +66,7 @@ def _open_reals(res: int) -> np.ndarray:
 def _image_buffer(n: int, res: int, spill_dir: str) -> np.ndarray:
     if n * res * res * 3 <= _RAM_IMAGE_BYTES:
         return np.empty((n, res, res, 3), np.uint8)
-    f = tempfile.TemporaryFile(dir=spill_dir, prefix=".fakes-")      # unlinked: nothing left behind
-    return np.memmap(f, np.uint8, "w+", shape=(n, res, res, 3))
+    return scratch_array(spill_dir, ".fakes-", np.uint8, (n, res, res, 3), f"{n} generated images")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

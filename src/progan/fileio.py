@@ -90,6 +90,32 @@ def disk_full_error(path: Path, existed: bool, err: OSError) -> ProganError:
                        f"{kept}")
 
 
+def scratch_array(folder: str | os.PathLike, prefix: str, dtype, shape: tuple[int, ...], what: str):
+    """A writable np.memmap of `shape` in an unlinked temp file under `folder` (nothing is left behind, even
+    after a kill), with all its blocks reserved first (posix_fallocate): a memmap that runs out of disk while
+    being written dies with SIGBUS, a reservation fails at once with a one-line ProganError naming `what`."""
+    import numpy as np
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    f = tempfile.TemporaryFile(dir=folder, prefix=prefix)
+    try:
+        os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            f.close()
+            try:
+                free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on {_mount_point(Path(folder))}"
+            except OSError:
+                free = "free space unknown"
+            raise ProganError(f"{folder}: disk full: {what} needs a {nbytes / 1e6:.0f} MB scratch file there "
+                              f"({free}); free some space and run the same command again") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            f.close()
+            raise
+        # a file system without fallocate: the memmap is used without a reservation
+    return np.memmap(f, dtype, "w+", shape=shape)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

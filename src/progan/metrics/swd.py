@@ -29,7 +29,6 @@ scipy's direct 5x5 convolution. On CUDA everything stays in torch.
 from __future__ import annotations
 
 import math
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable
@@ -37,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from progan.fileio import scratch_array
 from progan.metrics.swd_reference import draw_centres, draw_directions, level_sizes_px, nhood_px
 
 _KERNEL_1D = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)   # [1,4,6,4,1]/16; outer product = official 5x5 / 256
@@ -164,8 +164,7 @@ def get_descriptors(level: torch.Tensor, centres: torch.Tensor, nhood: int) -> t
 def _empty(rows: int, cols: int, spill_dir, ram_bytes: int) -> torch.Tensor:
     if spill_dir is None or rows * cols * 4 <= ram_bytes:
         return torch.empty(rows, cols)
-    f = tempfile.TemporaryFile(dir=spill_dir, prefix=".swd-")   # unlinked at once: nothing left on a crash
-    return torch.from_numpy(np.memmap(f, np.float32, "w+", shape=(rows, cols)))
+    return torch.from_numpy(scratch_array(spill_dir, ".swd-", np.float32, (rows, cols), "SWD descriptors"))
 
 
 class Buffers:
