@@ -14,7 +14,11 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RUNS = [
-    ("crop (MTCNN, CelebA 178x218)", ["bench_crop.py", "--n", "400", "--threads", "2", "--no-stage"]),
+    ("crop (MTCNN, CelebA 178x218)", ["bench_crop.py", "--n", "400", "--threads", "2"]),
+    # the 43 real photos (0.06-1 MP) as they are, then enlarged x4 (0.2-18 MP, median 4 MP): ~2 min together
+    ("crop (MTCNN, real photos)", ["bench_crop.py", "--images", "../shared/data/photos", "--threads", "2"]),
+    ("crop (MTCNN, real photos x4, camera-sized)", ["bench_crop.py", "--images", "../shared/data/photos",
+                                                    "--threads", "2", "--upscale", "4"]),
     ("pyramid + loader", ["bench_data.py", "--n", "2010", "--size", "128"]),
     ("training step", ["bench_train.py", "--threads", "2"]),
     # 16,384 images at 128 px: ~3 min on an idle 2-core CPU; the numpy reference runs on 512 and is extrapolated.
