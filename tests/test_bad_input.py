@@ -565,7 +565,8 @@ def _build_cases() -> list[Case]:
               server=True, may_write=("data/raw/downloads",)),
         _case("download-nothing-listens", Error("failed ([Errno 111] Connection refused); run the same command again"),
               argv=("download",), make=_nothing_listens, server=True, may_write=("data/raw/downloads",)),
-        _case("download-over-size-limit", Error("over data.max_download_mb"), argv=("download",),
+        _case("download-over-size-limit", Error("over data.max_download_mb (0.01 MiB); raise it if this download is expected"),
+              argv=("download",),
               make=http("/faces.zip", max_download_mb=0.01), server=True,
               may_write=("data/raw/downloads", "data/raw/downloads/.faces.zip.source.json")),
         # --- params.yaml

@@ -43,6 +43,12 @@ CHUNK_BYTES = 1 << 20
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
+def _mib(nbytes: int) -> str:
+    """'1,024 MiB', '3.5 MiB', '0.00195 MiB': three significant digits, whatever the size."""
+    mib = nbytes / 2**20
+    return f"{mib:,.0f} MiB" if mib >= 100 else f"{mib:.3g} MiB"
+
+
 def run(params) -> int:
     """Write paths.IMAGES_LIST for `params.data`; returns the number of rows."""
     root = Path(os.path.abspath(params.root))
@@ -255,8 +261,8 @@ def fetch(url: str, dest: str | os.PathLike, *, checksums: dict[str, str] | None
     if total is not None and total > max_bytes:
         _close(stream)
         part.unlink(missing_ok=True)
-        raise ProganError(f"data.url: {url} is {total / 2**20:.1f} MiB, over data.max_download_mb "
-                          f"{max_bytes / 2**20:.0f}; raise it if this download is expected")
+        raise ProganError(f"data.url: {url} is {_mib(total)}, over data.max_download_mb "
+                          f"({_mib(max_bytes)}); raise it if this download is expected")
     received = _receive(stream, part, offset, total, max_bytes, url)
     if total is not None and received < total:
         raise ProganError(f"download of {url} stopped at {received} of {total} bytes (connection closed); "
@@ -300,7 +306,7 @@ def _receive(stream, part: Path, offset: int, total: int | None, max_bytes: int,
                 if received > max_bytes:
                     f.close()
                     part.unlink()
-                    raise ProganError(f"data.url: {url} is over data.max_download_mb {max_bytes / 2**20:.0f} MiB; "
+                    raise ProganError(f"data.url: {url} is over data.max_download_mb ({_mib(max_bytes)}); "
                                       f"stopped and deleted; raise it if this download is expected")
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -337,7 +343,7 @@ def fetch_gdrive(file_id: str, dest: str | os.PathLike, *, checksums: dict[str, 
     except _TooBig:
         for p in dest.parent.glob(f"{staging.name}*.part"):
             p.unlink()
-        raise ProganError(f"Google Drive file {file_id} is over data.max_download_mb {max_bytes / 2**20:.0f} MiB; "
+        raise ProganError(f"Google Drive file {file_id} is over data.max_download_mb ({_mib(max_bytes)}); "
                           f"raise it if this download is expected") from None
     except (gdown.exceptions.DownloadError, requests.RequestException, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
