@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -194,6 +195,20 @@ def test_load_rgb_orientation_frames_and_limits(tmp_path):
 
 
 # ---------------------------------------------------------------- failure keeps what was there
+
+def test_corrupt_exif_is_not_a_warning_on_stderr(tmp_path):
+    """A broken EXIF block: Pillow warns 'Corrupt EXIF data' (naming no file) on stderr; load_rgb keeps the
+    image as stored and says nothing. In a subprocess, because pytest captures warnings itself."""
+    bad = tmp_path / "bad_exif.jpg"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(bad, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f garbage")
+    plain = "from PIL import Image, ImageOps; ImageOps.exif_transpose(Image.open({!r}))"
+    ours = "from progan.data.images import load_rgb; print(load_rgb({!r}).shape)"
+    run = lambda code: subprocess.run([sys.executable, "-c", code.format(str(bad))], capture_output=True, text=True)
+    control = run(plain)
+    assert "Corrupt EXIF data" in control.stderr                 # what users saw before
+    r = run(ours)
+    assert r.returncode == 0 and r.stdout.strip() == "(40, 40, 3)" and r.stderr == "", r.stderr
+
 
 def test_too_few_survivors_fail_and_keep_the_previous_output(tmp_path, monkeypatch, capsys):
     params = _project(tmp_path, CELEBA[:3])

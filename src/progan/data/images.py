@@ -28,6 +28,10 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Inde
 # Pillow warns above its own MAX_IMAGE_PIXELS; load_rgb's explicit check decides instead. A module-level
 # filter, because warnings.catch_warnings() is not thread-safe and load_rgb runs in decoder threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow's UserWarnings about broken metadata ("Corrupt EXIF data. Expecting to read 12 bytes ...") name no
+# file and change nothing here: a broken EXIF block leaves the image as stored (_orient), and what is kept or
+# skipped, with the reason, is in the crop manifest. Module-level for the same reason.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class ImageError(Exception):
