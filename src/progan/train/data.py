@@ -108,7 +108,10 @@ def resident_level(images: np.ndarray, device: torch.device, chunk_bytes: int = 
     out = torch.empty(images.shape, dtype=torch.uint8, device=device)
     rows = max(1, chunk_bytes // max(1, images[0].nbytes))
     for start in range(0, len(images), rows):
-        out[start:start + rows] = torch.from_numpy(np.ascontiguousarray(images[start:start + rows]))
+        if device.type == "cpu":
+            out.numpy()[start:start + rows] = images[start:start + rows]
+        else:       # a writable host copy of the chunk (the memmap is read-only), then to the device
+            out[start:start + rows] = torch.from_numpy(np.array(images[start:start + rows]))
     return out
 
 
