@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from progan.errors import ProganError
+from progan.fileio import torch_load
 from progan.model import networks
 
 MAX_SEED = 2**63 - 1
@@ -208,9 +209,9 @@ class ProganGenerator:
 def _saved_alpha(path: Path) -> float:
     """The 'alpha' a checkpoint was saved at (training checkpoints and exports carry it; 1.0 when absent)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # lazy: reads no tensor data
+        obj = torch_load(path, mmap=True)   # lazy: reads no tensor data
     except RuntimeError:                                                            # not a zip file: plain load
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path)
     alpha = obj.get("alpha", 1.0)
     if isinstance(alpha, Tensor) and alpha.numel() == 1:
         alpha = alpha.item()

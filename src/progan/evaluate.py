@@ -25,7 +25,7 @@ import torch
 
 from progan import paths
 from progan.errors import ProganError, out_of_memory_error
-from progan.fileio import scratch_array, write_json
+from progan.fileio import scratch_array, torch_load, write_json
 from progan.log import log, progress
 from progan.metrics import msssim as msssim_mod
 from progan.metrics import swd as swd_mod
@@ -117,7 +117,7 @@ def msssim_of_pairs(images, index: np.ndarray, batch: int, device) -> float | No
 def _trained_kimg(path: str) -> float:
     """total_kimg of the checkpoint (0 for an exported generator without it); mmap: no full read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch_load(path, mmap=True)
         return float(ckpt.get("total_kimg", 0.0))
     except Exception:  # noqa: BLE001 - load_generator already validated the file; the step is cosmetic
         return 0.0

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -88,6 +89,18 @@ def disk_full_error(path: Path, existed: bool, err: OSError) -> ProganError:
     kept = f"the previous {path.name} is untouched" if existed else f"no partial {path.name} was left"
     return ProganError(f"{path}: {what} while writing ({free}); free some space and run the same command again; "
                        f"{kept}")
+
+
+def torch_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
+    """The one way progan reads .pt files: torch.load(weights_only=True), so tensors, numbers, strings, lists
+    and dicts load and a file that would import code is refused (errors.torch_load_failure reads the failure).
+    torch's "Detected pickle protocol N" UserWarning (a pickle torch.save did not write, about to be refused or
+    read) is not passed on to stderr: the caller reports the file in one line."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def scratch_array(folder: str | os.PathLike, prefix: str, dtype, shape: tuple[int, ...], what: str):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from progan.errors import ProganError, refused_code_error, torch_load_failure
+from progan.fileio import torch_load
 from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
                                  leaky_relu, minibatch_stddev, pixel_norm, upsample2x)
 
@@ -286,7 +287,7 @@ def _read_checkpoint(path: Path, device) -> dict:
         why = "empty file" if not head else "incomplete zip"
         raise ProganError(f"{path}: checkpoint is truncated or corrupt ({why}); re-run the train stage that writes it")
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        obj = torch_load(path, map_location=device)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported in one line
         blocked, reason, by_unpickler = torch_load_failure(e)
         if blocked:

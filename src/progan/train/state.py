@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from progan.errors import ProganError, refused_code_error, torch_load_failure
-from progan.fileio import atomic_path
+from progan.fileio import atomic_path, torch_load
 
 CHECKPOINT_FORMAT = "progan-checkpoint"
 SNAPSHOT_FORMAT = "progan-snapshot"
@@ -68,7 +68,7 @@ def save(path: str | Path, obj: dict) -> None:
 
 def _load(path: Path, what: str, fix: str) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported in one line
         blocked, reason, _ = torch_load_failure(e)
         if blocked:
