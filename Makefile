@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test bench demo
+.PHONY: install test bench bench-gpu demo
 
 install:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ test:
 
 bench:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run_all.py
+
+bench-gpu:
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run_all.py --gpu
 
 demo:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/progan demo --folder ../shared/data/celeba-aligned-2k

@@ -11,11 +11,14 @@ one of train/loop.py (`train_step`), re-timed part by part with the same calls:
     other  the rest of the wall time of a step (Python, allocator, loop bookkeeping)
 FLOPs of one training image, counted with torch.utils.flop_counter.FlopCounterMode on one minibatch (matmul and
 conv ops, forward and backward; elementwise ops are not counted, as usual): G forward, D forward+backward on reals
-and fakes, the penalty's forward + double backward, and the G step. Achieved FLOP/s = counted FLOPs / measured
-step time, against this device's measured peak (a large fp32 matmul on the CPU; fp32 and bf16 matmuls on CUDA).
+and fakes, the penalty's forward + double backward, and the G step. Achieved FLOP/s = counted FLOPs x the loop's
+img/s (`bench_loop`: train/loop.py's own path, steps back to back, no per-part syncs), against this device's
+measured peak (a large fp32 matmul on the CPU; fp32 and bf16 matmuls on CUDA).
 Real data: a pyramid built from CelebA images (../shared/data/celeba-aligned-2k) in bench/out/.
 
     .venv/bin/python bench/bench_train.py [--steps 4] [--threads N] [--paper-res 4 8] [--tiny-res 4 8 16 32]
+                                          [--channels-last] [--amp]
+On a GPU, for the issue's >= 64 px figures: --paper-res 4 8 16 32 64 128 --paper-steps 20 --amp.
 Writes bench/out/bench_train.json. The machine may be shared: figures vary with the load.
 """
 from __future__ import annotations
@@ -149,7 +152,35 @@ def count_flops(params, res: int, device: torch.device) -> dict:
     return counts
 
 
-def bench_res(params, res: int, steps: int, device: torch.device, channels_last: bool = False) -> dict:
+def bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_G, opt_D, images, sampler) -> float:
+    """img/s of the training loop's own path, as train/loop.py runs it: Batches (prefetch thread, pinned on CUDA),
+    to_device, fade_reals, host_to_device latents, `loop.train_step` (bf16 autocast with --amp on CUDA), steps
+    back to back with one device sync at the end: no per-part syncs, so on CUDA the host runs ahead of the GPU."""
+    batch, cfg = int(params.stage(res).batch), ModelConfig.from_params(params)
+    nets = loop.Nets(G=G, D=D, G_ema=G_ema, cfg=cfg, prev=None, prev_sha256=None, grown_keys=[])
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" \
+        else contextlib.nullcontext
+    alpha = 0.5 if res > 4 else 1.0
+    cuda = device.type == "cuda"
+    stats = torch.zeros(len(loop.STAT_KEYS), device=device)
+    batches = data.Batches(images, sampler, batch, 0, (steps + 1) * batch, prefetch=2, pin_memory=cuda)
+    for i, (nimg, x_u8, flip) in enumerate(batches):
+        if i == 1:                                                       # batch 0 = warm-up, not timed
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        reals = data.to_device(x_u8, flip, device, channels_last)
+        reals = fade_reals(reals, alpha) if res > 4 else reals
+        z_d, z_g = (data.host_to_device(loop.latents(params.seed, res, nimg, k, batch, cfg.latent_dim), device)
+                    for k in (2, 3))
+        mix = data.host_to_device(loop.gp_mix(params.seed, res, nimg, batch), device)
+        stats += loop.train_step(nets, opt_G, opt_D, reals, z_d, z_g, mix, alpha, params.train, 1, autocast)
+    stats.tolist()                                                       # the per-tick sync
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def bench_res(params, res: int, steps: int, device: torch.device, channels_last: bool = False,
+              amp: bool = False) -> dict:
     tp, batch = params.train, int(params.stage(res).batch)
     cfg = ModelConfig.from_params(params)
     torch.manual_seed(0)
@@ -201,9 +232,10 @@ def bench_res(params, res: int, steps: int, device: torch.device, channels_last:
     per_step_ms["other"] = max(0.0, 1000 * wall / steps - sum(per_step_ms.values()))
     flops = count_flops(params, res, device)
     img_s = steps * batch / wall
-    return {"res_px": res, "batch": batch, "steps": steps, "img_s": img_s,
+    loop_img_s = bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_G, opt_D, images, sampler)
+    return {"res_px": res, "batch": batch, "steps": steps, "img_s": img_s, "loop_img_s": loop_img_s, "amp": amp,
             "step_ms": 1000 * wall / steps, "parts_ms": per_step_ms,
-            "flops_per_img": flops, "achieved_flop_s": flops["total"] * img_s,
+            "flops_per_img": flops, "achieved_flop_s": flops["total"] * loop_img_s,
             "G_params": sum(p.numel() for p in G.parameters()), "D_params": sum(p.numel() for p in D.parameters())}
 
 
@@ -216,6 +248,7 @@ def main() -> None:
     ap.add_argument("--paper-res", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--paper-steps", type=int, default=2)
     ap.add_argument("--channels-last", action="store_true", help="nets and reals in channels_last (train.channels_last)")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast in the loop timing, as train.amp (CUDA only)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,11 +268,12 @@ def main() -> None:
         try:
             params = params_mod.load(params_path)
             for res in res_list:
-                r = {"config": name, **bench_res(params, res, steps, device, args.channels_last)}
+                r = {"config": name, **bench_res(params, res, steps, device, args.channels_last, args.amp)}
                 results.append(r)
                 parts = " ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items())
                 nets = 100 * (1 - (r["parts_ms"]["data"] + r["parts_ms"]["other"]) / r["step_ms"])
-                print(f"{name:5s} {res:3d}px batch {r['batch']}: {r['img_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step"
+                print(f"{name:5s} {res:3d}px batch {r['batch']}: {r['loop_img_s']:8.1f} img/s in the loop;"
+                      f" timed part by part {r['img_s']:.1f} img/s, {r['step_ms']:.1f} ms/step"
                       f"  [{parts}] ms  networks {nets:.0f}%", flush=True)
                 f = r["flops_per_img"]
                 print(f"      FLOPs/img: G_fwd {f['G_fwd'] / 1e6:.2f}M  D_fwd_bwd {f['D_fwd_bwd'] / 1e6:.2f}M  "
@@ -248,11 +282,13 @@ def main() -> None:
                       f"= {100 * r['achieved_flop_s'] / peak[0][1]:.1f}% of {peak[0][0]} peak", flush=True)
         finally:
             os.chdir(cwd)
-    meta = {"device": str(device), "channels_last": args.channels_last, "matmul_peak_flop_s": dict(peak),
+    meta = {"device": str(device), "channels_last": args.channels_last, "amp": args.amp and device.type == "cuda",
+            "matmul_peak_flop_s": dict(peak),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "note": "shared machine: figures vary with load"}
     OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / ("bench_train_channels_last.json" if args.channels_last else "bench_train.json")
+    out = OUT / ("bench_train" + ("_channels_last" if args.channels_last else "") + ("_amp" if args.amp else "")
+                 + ".json")
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(json.dumps(meta))
 
