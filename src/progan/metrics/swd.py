@@ -348,7 +348,6 @@ def swd(a, b, *, descriptors_per_image: int = 128, directions: int = 128, repeat
         dirs = draw_directions(seed, li, da[0].shape[1], repeats, directions)
         result[f"swd_{size}"] = sliced_wasserstein(da, db, dirs, device, buffers) * 1e3
         del da, db
-    del buffers
     result["swd_avg"] = float(np.mean([result[f"swd_{s}"] for s in sizes]))
     if not all(math.isfinite(v) for v in result.values()):
         raise ValueError(f"SWD is not finite: {result}")

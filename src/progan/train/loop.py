@@ -322,7 +322,7 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
             images = data.resident_level(images, device)
         except torch.cuda.OutOfMemoryError:
             raise ProganError(f"train {res} px: the pyramid level ({images.nbytes / 2**30:.2f} GiB) does not fit in "
-                              f"{device} memory: set train.data_on_device to auto or false") from None
+                              f"{device} memory: set train.data_on_device: false in params.yaml") from None
         log.info("train %d px: pyramid level (%d images, %.2f GiB) held in %s memory (train.data_on_device %s)",
                  res, len(images), images.nbytes / 2**30, device, tp.data_on_device)
     if sched.batch % env.world:
