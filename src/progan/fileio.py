@@ -79,13 +79,18 @@ def _mount_point(folder: Path) -> str:
     return p
 
 
+def free_space(folder: str | os.PathLike) -> str:
+    """'N MB free on <mount point>' for `folder`, for disk-full messages."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on {_mount_point(Path(folder))}"
+    except OSError:
+        return f"free space of {folder} unknown"
+
+
 def disk_full_error(path: Path, existed: bool, err: OSError) -> ProganError:
     """`<path>: disk full while writing (N MB free on <mount>); free some space and run the same command again; ...`"""
     what = "disk quota exceeded" if err.errno == errno.EDQUOT else "disk full"
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free on {_mount_point(path.parent)}"
-    except OSError:
-        free = f"free space of {path.parent} unknown"
+    free = free_space(path.parent)
     kept = f"the previous {path.name} is untouched" if existed else f"no partial {path.name} was left"
     return ProganError(f"{path}: {what} while writing ({free}); free some space and run the same command again; "
                        f"{kept}")
@@ -116,12 +121,8 @@ def scratch_array(folder: str | os.PathLike, prefix: str, dtype, shape: tuple[in
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
             f.close()
-            try:
-                free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on {_mount_point(Path(folder))}"
-            except OSError:
-                free = "free space unknown"
             raise ProganError(f"{folder}: disk full: {what} needs a {nbytes / 1e6:.0f} MB scratch file there "
-                              f"({free}); free some space and run the same command again") from e
+                              f"({free_space(folder)}); free some space and run the same command again") from e
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             f.close()
             raise
@@ -129,7 +130,8 @@ def scratch_array(folder: str | os.PathLike, prefix: str, dtype, shape: tuple[in
     return np.memmap(f, dtype, "w+", shape=shape)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (someone else's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +151,7 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
         if not m or old.name in _WRITING:
             continue
         pid = int(m.group(1))
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
 

@@ -15,18 +15,9 @@ import os
 from pathlib import Path
 
 from progan.errors import ProganError
+from progan.fileio import pid_alive
 
 DRIVER_ENV = "PROGAN_DRIVER"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def running_dvc(root: Path) -> int | None:
@@ -40,7 +31,7 @@ def running_dvc(root: Path) -> int | None:
         for entries in info.get(mode, {}).values():
             for entry in entries if isinstance(entries, list) else [entries]:
                 pid = int(entry.get("pid", 0))
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     return pid
     lock = tmp / "lock"
     if lock.exists():

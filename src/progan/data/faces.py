@@ -43,6 +43,7 @@ from PIL import Image
 
 from progan import paths
 from progan.errors import ProganError, out_of_memory_error
+from progan.fileio import pid_alive
 from progan.log import log, progress
 from progan.data.images import ImageError, load_rgb
 
@@ -359,13 +360,9 @@ def _write_manifest(rows: list[Row], path: Path) -> None:
 def _clean_stale(parent: Path, name: str) -> None:
     """Remove the temp / old folders (.faces.tmp-<pid>, .faces.old-<pid>) of earlier runs that were killed."""
     for old in [*parent.glob(f".{name}.tmp-*"), *parent.glob(f".{name}.old-*")]:
-        try:
-            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
-            continue                                   # that run is still going
-        except (ValueError, ProcessLookupError):
+        pid = old.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and pid_alive(int(pid))):     # that run is gone (or the name is not ours)
             shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
