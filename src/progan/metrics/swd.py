@@ -161,12 +161,6 @@ def get_descriptors(level: torch.Tensor, centres: torch.Tensor, nhood: int) -> t
 
 # ---- one level's descriptors of one image set ------------------------------------------------------------
 
-def _empty(rows: int, cols: int, spill_dir, ram_bytes: int) -> torch.Tensor:
-    if spill_dir is None or rows * cols * 4 <= ram_bytes:
-        return torch.empty(rows, cols)
-    return torch.from_numpy(scratch_array(spill_dir, ".swd-", np.float32, (rows, cols), "SWD descriptors"))
-
-
 class Buffers:
     """Host float32 buffers reused by the levels and direction chunks of one `swd` call.
 
@@ -174,7 +168,8 @@ class Buffers:
     same size at every level and chunk. Allocating them anew costs a page fault per 4 KiB page on first
     touch: measured here 1.4 s to allocate and fill 512 MB fresh, against 0.1 s to refill one already
     touched, and the projection GEMM ran at 60 GFLOP/s into fresh memory against 225 into a reused buffer.
-    Descriptor buffers above `ram_bytes` live in an unlinked temp file under `spill_dir` (see `_empty`).
+    Descriptor buffers above `ram_bytes` live in an unlinked temp file under `spill_dir` (`fileio.scratch_array`:
+    unlinked at once, its blocks reserved so that a full disk is an error, not a SIGBUS).
     """
 
     def __init__(self, spill_dir=None, ram_bytes: int = DEFAULT_RAM_BYTES):
@@ -188,7 +183,10 @@ class Buffers:
         flat = self._flat.get(name)
         if flat is None or flat.numel() < size:
             self._flat.pop(name, None)                      # free the old one before allocating the new one
-            flat = (_empty(1, size, self.spill_dir, self.ram_bytes) if spill else torch.empty(1, size)).view(-1)
+            if spill and self.spill_dir is not None and 4 * size > self.ram_bytes:
+                flat = torch.from_numpy(scratch_array(self.spill_dir, ".swd-", np.float32, (size,), "SWD descriptors"))
+            else:
+                flat = torch.empty(size)
             self._flat[name] = flat
         return flat[:size].view(rows, cols)
 
@@ -200,22 +198,21 @@ def level_descriptors(images, side: int, level: int, *, seed: int, per_image: in
     """Descriptors of pyramid level `level` for uint8 images [N, R, R, 3] (array-like, sliced in batches).
 
     Returns (desc [N * per_image, D] float32 on the CPU, mean [C], std [C]) with the per-channel
-    statistics in float64 (std 0 -> 1). With `buffers`, desc is that object's buffer `desc<side>`
-    (overwritten by the next call for the same side) and the batch's float images reuse one buffer too.
+    statistics in float64 (std 0 -> 1). desc is the buffer `desc<side>` of `buffers` (overwritten by the next
+    call for the same side; `swd` passes one Buffers to every level); without `buffers`, of a new
+    Buffers(spill_dir, ram_bytes).
     """
     n, res = len(images), int(images.shape[1])
     sizes = level_sizes_px(res)
     size, k = sizes[level], nhood_px(sizes[level])
     dim = 3 * k * k
-    if buffers is None:
-        out = _empty(n * per_image, dim, spill_dir, ram_bytes)
-    else:
-        out = buffers.get(f"desc{side}", n * per_image, dim, spill=True)
+    buffers = buffers if buffers is not None else Buffers(spill_dir, ram_bytes)
+    out = buffers.get(f"desc{side}", n * per_image, dim, spill=True)
     count, mean, m2 = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device).permute(0, 3, 1, 2)
-        if buffers is not None and device.type == "cpu":
+        if device.type == "cpu":
             x = buffers.get("images", stop - start, 3 * res * res).view(-1, 3, res, res).copy_(x)
         else:
             x = x.to(torch.float32, memory_format=torch.contiguous_format)        # [B, 3, R, R]
