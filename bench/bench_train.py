@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from progan import params as params_mod, paths  # noqa: E402
-from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals  # noqa: E402
+from progan.model.networks import Discriminator, Generator, ModelConfig  # noqa: E402
 from progan.train import data, loop  # noqa: E402
 from progan.train.loss import d_loss, g_loss, gradient_penalty  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -154,8 +154,8 @@ def count_flops(params, res: int, device: torch.device) -> dict:
 
 def bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_G, opt_D, images, sampler) -> float:
     """img/s of the training loop's own path, as train/loop.py runs it: Batches (prefetch thread, pinned on CUDA),
-    to_device, fade_reals, host_to_device latents, `loop.train_step` (bf16 autocast with --amp on CUDA), steps
-    back to back with one device sync at the end: no per-part syncs, so on CUDA the host runs ahead of the GPU."""
+    `loop.step_inputs`, `loop.train_step` (bf16 autocast with --amp on CUDA), steps back to back with one device
+    sync at the end: no per-part syncs, so on CUDA the host runs ahead of the GPU."""
     batch, cfg = int(params.stage(res).batch), ModelConfig.from_params(params)
     nets = loop.Nets(G=G, D=D, G_ema=G_ema, cfg=cfg, prev=None, prev_sha256=None, grown_keys=[])
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" \
@@ -169,12 +169,8 @@ def bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        reals = data.to_device(x_u8, flip, device, channels_last)
-        reals = fade_reals(reals, alpha) if res > 4 else reals
-        z_d, z_g = (data.host_to_device(loop.latents(params.seed, res, nimg, k, batch, cfg.latent_dim), device)
-                    for k in (2, 3))
-        mix = data.host_to_device(loop.gp_mix(params.seed, res, nimg, batch), device)
-        stats += loop.train_step(nets, opt_G, opt_D, reals, z_d, z_g, mix, alpha, params.train, 1, autocast)
+        inputs = loop.step_inputs(params, res, batch, nimg, x_u8, flip, alpha, cfg.latent_dim, device, channels_last)
+        stats += loop.train_step(nets, opt_G, opt_D, *inputs, alpha, params.train, 1, autocast)
     stats.tolist()                                                       # the per-tick sync
     return steps * batch / (time.perf_counter() - t0)
 
@@ -200,12 +196,9 @@ def bench_res(params, res: int, steps: int, device: torch.device, channels_last:
         nimg = step * batch
         with timer("data"):
             idx, flip = sampler.indices(nimg, batch)
-            reals = data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip), device,
-                                   channels_last)
-            reals = fade_reals(reals, alpha) if res > 4 else reals
-            z_d = loop.latents(params.seed, res, nimg, 2, batch, cfg.latent_dim).to(device)
-            z_g = loop.latents(params.seed, res, nimg, 3, batch, cfg.latent_dim).to(device)
-            mix = loop.gp_mix(params.seed, res, nimg, batch).to(device)
+            x_u8 = torch.from_numpy(data.read_batch(images, idx))
+            reals, z_d, z_g, mix = loop.step_inputs(params, res, batch, nimg, x_u8, torch.from_numpy(flip), alpha,
+                                                    cfg.latent_dim, device, channels_last)
         D.requires_grad_(True)
         with timer("G_fwd"), torch.no_grad():
             fakes = G(z_d, alpha)

@@ -154,6 +154,20 @@ def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, decay: float) -> None
 # --------------------------------------------------------------------------------------------------------------
 # One minibatch.
 
+def step_inputs(params, res: int, batch: int, step_nimg: int, x_u8: torch.Tensor, flip: torch.Tensor, alpha: float,
+                latent_dim: int, device: torch.device, channels_last: bool = False, rank: int = 0, world: int = 1):
+    """(reals, z_d, z_g, mix) of this rank for the minibatch at step_nimg, on `device`: reals from the uint8 batch
+    (official process_reals: [-1, 1], mirror, FadeLOD above 4 px), latents and penalty factors drawn from
+    step_nimg, their rows rank::world, copied without a host sync (data.host_to_device)."""
+    reals = data.to_device(x_u8, flip, device, channels_last)            # [n, 3, R, R] in [-1, 1]
+    if res > 4:
+        reals = fade_reals(reals, alpha)                                  # official process_reals FadeLOD
+    z_d, z_g = (data.host_to_device(latents(params.seed, res, step_nimg, which, batch, latent_dim)[rank::world],
+                                    device) for which in (2, 3))
+    mix = data.host_to_device(gp_mix(params.seed, res, step_nimg, batch)[rank::world], device)
+    return reals, z_d, z_g, mix
+
+
 def train_step(nets: Nets, opt_G, opt_D, reals: torch.Tensor, z_d: torch.Tensor, z_g: torch.Tensor,
                mix: torch.Tensor, alpha: float, tp, world: int, autocast=contextlib.nullcontext) -> torch.Tensor:
     """One D step then one G step (official D_repeats=1) and the EMA update. reals, z_d, z_g, mix: this rank's
@@ -402,16 +416,10 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
                                desc=f"train {res}px {phase}", unit="kimg", disable=None)
                 bar_phase = phase
 
-            reals = data.to_device(x_u8, flip, device, channels_last)        # [n, 3, R, R] in [-1, 1]
-            if res > 4:
-                reals = fade_reals(reals, alpha)                              # official process_reals FadeLOD
-            z_d = latents(params.seed, res, step_nimg, 2, sched.batch, nets.cfg.latent_dim)[env.rank::env.world]
-            z_g = latents(params.seed, res, step_nimg, 3, sched.batch, nets.cfg.latent_dim)[env.rank::env.world]
-            mix = gp_mix(params.seed, res, step_nimg, sched.batch)[env.rank::env.world]
+            inputs = step_inputs(params, res, sched.batch, step_nimg, x_u8, flip, alpha, nets.cfg.latent_dim,
+                                 device, channels_last, env.rank, env.world)
             try:
-                stats += train_step(nets, opt_G, opt_D, reals, data.host_to_device(z_d, device),
-                                    data.host_to_device(z_g, device), data.host_to_device(mix, device), alpha,
-                                    tp, env.world, autocast)
+                stats += train_step(nets, opt_G, opt_D, *inputs, alpha, tp, env.world, autocast)
             except torch.cuda.OutOfMemoryError as e:
                 raise _out_of_memory(e, res, sched, step_nimg, phase, resume_path, last_snapshot_kimg) from e
             tick_steps += 1
