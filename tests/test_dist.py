@@ -19,7 +19,6 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from progan import params as params_mod, paths
-from progan.errors import ProganError
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals
 from progan.train import data, dist, loop
 
@@ -98,23 +97,6 @@ def test_average_gradients_is_identity_on_one_rank():
     p.grad = torch.tensor([1.0, 2.0, 3.0])
     dist.average_gradients([p, torch.nn.Parameter(torch.zeros(1))], world=1)
     assert p.grad.tolist() == [1.0, 2.0, 3.0]
-
-
-def test_resolve_gpus(tmp_path, monkeypatch):
-    path = make_project(tmp_path, mlflow__tracking_uri=NO_MLFLOW)
-    monkeypatch.delenv("PROGAN_GPU_BUDGET", raising=False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert dist.resolve_gpus(params_mod.load(path)) == 0                    # auto, no CUDA device
-    if torch.backends.cuda.is_built():
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-        assert dist.resolve_gpus(params_mod.load(path)) == 3
-        monkeypatch.setenv("PROGAN_GPU_BUDGET", "2")
-        assert dist.resolve_gpus(params_mod.load(path)) == 2                # capped by the Snakemake budget
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.delenv("PROGAN_GPU_BUDGET")
-    two = make_project(tmp_path / "two", mlflow__tracking_uri=NO_MLFLOW, train__gpus=2)
-    with pytest.raises(ProganError, match=r"train.gpus is 2 but only 0 GPU\(s\) are visible"):
-        dist.resolve_gpus(params_mod.load(two))
 
 
 def test_torchrun_command():

@@ -34,24 +34,6 @@ STANDALONE = {
     "export": ("progan.generate", "export_main", "G_ema alone, small, loadable by progan.load_generator"),
 }
 RES_COMMANDS = {"train", "evaluate"}
-GPU_COMMANDS = {"crop", "train", "evaluate"}  # these take a GPU lease (see gpus.py)
-
-
-def _gpu_lease(command: str, params):
-    """Lease this job's GPUs (sets CUDA_VISIBLE_DEVICES). torchrun workers inherit their launcher's lease."""
-    import contextlib
-
-    from progan import gpus
-
-    if command not in GPU_COMMANDS or "LOCAL_RANK" in os.environ:
-        return contextlib.nullcontext()
-    visible = gpus.visible_devices()
-    budget = gpus.budget_from_env()
-    if command == "train":
-        count = gpus.resolve(params.train.gpus, budget, len(visible))
-    else:
-        count = min(1, len(visible) if budget is None else min(budget, len(visible)))
-    return gpus.lease(count, visible)
 
 
 def _parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -85,7 +67,7 @@ def _import_quiet(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from progan import log, params as params_mod
+    from progan import gpus, log, params as params_mod
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in STANDALONE:  # commands that do not read params.yaml parse their own flags
@@ -104,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             workspace.check_for_stage(params.root)
         module = importlib.import_module(args._module)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
-        with _gpu_lease(args.command, params):
+        if args.command in gpus.GPU_COMMANDS:
+            with gpus.job_lease(args.command, params) as lease:   # the one lease of this process
+                module.run(params, **kwargs, lease=lease)
+        else:
             module.run(params, **kwargs)
     except ProganError as e:
         if args.debug:

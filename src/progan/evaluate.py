@@ -218,7 +218,8 @@ def _fmt(value) -> str:
     return f"{value:.4f}"
 
 
-def run(params, res: int) -> dict:
+def run(params, res: int, lease=None) -> dict:
+    """`progan evaluate --res R`. `lease` (gpus.Lease from the CLI) has already set CUDA_VISIBLE_DEVICES."""
     res = int(res)
     if res not in params.resolutions:
         raise ProganError(f"--res {res}: not a training resolution; crop.size {params.crop.size} gives "

@@ -1,4 +1,5 @@
 # Helpers shared by the rules: params (validated before any work), the stage table, GPU counts, MLflow.
+import functools
 import json
 import os
 
@@ -31,15 +32,35 @@ GPU_BUDGET = _gpu_budget()
 if GPU_BUDGET is not None:
     os.environ[gpus.BUDGET_ENV] = str(GPU_BUDGET)  # jobs resolve train.gpus=auto the same way
 try:
-    _VISIBLE = len(gpus.visible_devices())
-    TRAIN_GPUS = gpus.resolve(PARAMS.train.gpus, GPU_BUDGET, _VISIBLE)
+    gpus.requested("train", PARAMS, GPU_BUDGET, 0)  # an explicit train.gpus above the budget fails here, at once
 except ProganError as err:
     raise WorkflowError(str(err)) from None
-ONE_GPU = min(1, _VISIBLE if GPU_BUDGET is None else min(GPU_BUDGET, _VISIBLE))
+
+
+def _jobs_run_here():
+    """False under a cluster executor (jobs run on other machines), and inside such a job on its node:
+    then the devices of this machine say nothing about the job's (see gpus.requested)."""
+    return workflow.local_exec and not workflow.remote_exec
+
+
+@functools.lru_cache(maxsize=1)
+def _visible_here():
+    return len(gpus.visible_devices())
 
 
 def stage_gpus(name):
-    return TRAIN_GPUS if name == "train" else ONE_GPU
+    """The rule's `gpu` resource: from params and the --resources gpu budget; this machine's devices count
+    only when the jobs run here. Evaluated per job, when Snakemake knows its executor."""
+
+    def get(wildcards):
+        return gpus.requested(name, PARAMS, GPU_BUDGET, _visible_here() if _jobs_run_here() else None)
+
+    return get
+
+
+def gpu_shell(name, per_res=False):
+    """A GPU rule's command: tells the job what it asked for, so it can say when it got less."""
+    return f"{gpus.REQUEST_ENV}={{resources.gpu}} " + stage_shell(name, per_res)
 
 
 def stage_code(name):

@@ -27,7 +27,7 @@ rule crop:
     log:
         "logs/crop.log",
     shell:
-        stage_shell("crop") + " 2>&1 | tee {log}"
+        gpu_shell("crop") + " 2>&1 | tee {log}"
 
 
 rule pyramid:

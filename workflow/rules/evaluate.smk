@@ -15,4 +15,4 @@ rule evaluate:
     log:
         "logs/evaluate_{res}.log",
     shell:
-        stage_shell("evaluate", per_res=True) + " 2>&1 | tee {log}"
+        gpu_shell("evaluate", per_res=True) + " 2>&1 | tee {log}"

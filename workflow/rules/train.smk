@@ -19,4 +19,4 @@ rule train:
     log:
         "logs/train_{res}.log",
     shell:
-        stage_shell("train", per_res=True) + " 2>&1 | tee {log}"
+        gpu_shell("train", per_res=True) + " 2>&1 | tee {log}"

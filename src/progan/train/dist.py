@@ -16,19 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from progan import gpus
 from progan.errors import ProganError
 from progan.log import log
-
-
-def resolve_gpus(params) -> int:
-    """GPUs the stage uses: 'auto' = min(visible CUDA devices, PROGAN_GPU_BUDGET if set); 0 when no CUDA.
-
-    Counts devices without initialising CUDA (nvidia-smi / CUDA_VISIBLE_DEVICES), so a lease can still
-    narrow CUDA_VISIBLE_DEVICES afterwards.
-    """
-    visible = len(gpus.visible_devices()) if torch.backends.cuda.is_built() else 0
-    return gpus.resolve(params.train.gpus, gpus.budget_from_env(), visible)
 
 
 def in_launched_worker() -> bool:

@@ -47,19 +47,20 @@ LOSS_COLUMNS = ["total_kimg", "stage_kimg", "phase", "alpha", "d_loss", "g_loss"
 STAT_KEYS = ["d_loss", "g_loss", "gp", "d_real", "d_fake"]   # accumulated on the device, synced once per tick
 
 
-def run(params, res: int) -> dict:
-    """CLI entry. Resolves the GPU count; > 1 GPU re-launches itself under torchrun, else trains here."""
+def run(params, res: int, lease: gpus.Lease | None = None) -> dict:
+    """CLI entry. `lease` is the job's GPU lease, taken once by progan.cli (gpus.job_lease); None = the CPU.
+    More than one leased GPU re-launches the stage under torchrun (the workers inherit the lease), else it
+    trains here."""
     if res not in params.resolutions:
         raise ProganError(f"--res {res}: not a training resolution of crop.size {params.crop.size} "
                           f"(one of {', '.join(map(str, params.resolutions))})")
     if dist.in_launched_worker():          # a torchrun worker: the launcher holds the GPU lease
         return train_stage(params, res, use_cuda=torch.cuda.is_available())
-    n_gpus = dist.resolve_gpus(params)
-    with gpus.lease(n_gpus):
-        if n_gpus > 1:
-            dist.launch(params, res, n_gpus)
-            return {"res_px": res, "gpus": n_gpus}
-        return train_stage(params, res, use_cuda=n_gpus == 1 and torch.cuda.is_available())
+    n_gpus = lease.count if lease is not None else 0
+    if n_gpus > 1:
+        dist.launch(params, res, n_gpus)
+        return {"res_px": res, "gpus": n_gpus}
+    return train_stage(params, res, use_cuda=n_gpus == 1 and torch.cuda.is_available())
 
 
 def _seed(*parts: int) -> int:
