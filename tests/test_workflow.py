@@ -18,6 +18,7 @@ import yaml
 
 from progan import params as params_mod, paths, pipeline
 
+from dag_checks import check_each_stage_resumed_from_the_one_before, check_first_mlflow_run, mlflow_runs
 from helpers import CELEBA_DIR, make_workspace, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
@@ -117,62 +118,9 @@ def _apply(ws: Path, what: str, value) -> None:
         _edit(ws, what, value)
 
 
-def _mlflow_runs(ws: Path, params):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("progan.role") == "pipeline"]
-    children = [r for r in runs if r.data.tags.get("progan.role") == "stage"]
-    return client, parents, children
-
-
-def _check_each_stage_resumed_from_the_one_before(ws: Path) -> None:
-    import hashlib
-
-    import torch
-
-    for r in RES:
-        ckpt = torch.load(ws / paths.checkpoint(r), weights_only=True)
-        assert ckpt["res_px"] == r
-        if r == 4:
-            assert ckpt["prev_checkpoint_sha256"] is None
-        else:
-            prev = hashlib.sha256((ws / paths.checkpoint(r // 2)).read_bytes()).hexdigest()
-            assert ckpt["prev_checkpoint_sha256"] == prev
-            prev_ckpt = torch.load(ws / paths.checkpoint(r // 2), weights_only=True)
-            assert ckpt["total_kimg"] > prev_ckpt["total_kimg"]
-
-
-def _check_first_mlflow_run(ws: Path, params) -> None:
-    """One parent (all params, final SWD per stage, the report), one child per stage (losses per tick with
-    step = images shown, SWD per level, the sample grid), read back through MlflowClient."""
-    client, parents, children = _mlflow_runs(ws, params)
-    assert len(parents) == 1 and len(children) == len(RES)
-    parent = parents[0]
-    assert parent.data.params["train.stages.16.stabilize_kimg"] == "0.1"
-    assert parent.data.params["crop.size"] == str(SIZE_PX)
-    assert {f"swd_avg_r{r}" for r in RES} <= set(parent.data.metrics)
-    assert "index.html" in {a.path.split("/")[-1] for a in client.list_artifacts(parent.info.run_id)}
-    for child in children:
-        res = int(child.data.tags["progan.stage"])
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert parent.data.tags[f"progan.stage_run.{res}"] == child.info.run_id
-        history = client.get_metric_history(child.info.run_id, "d_loss")
-        assert history and all(h.step > 0 for h in history)
-        assert "swd_avg" in child.data.metrics and f"swd_{res}" in child.data.metrics
-        assert "samples.png" in {a.path.split("/")[-1] for a in client.list_artifacts(child.info.run_id)}
-    # steps are total images shown, so stage 8's curve starts where stage 4's ends
-    by_res = {int(c.data.tags["progan.stage"]): c for c in children}
-    last4 = max(h.step for h in client.get_metric_history(by_res[4].info.run_id, "d_loss"))
-    first8 = min(h.step for h in client.get_metric_history(by_res[8].info.run_id, "d_loss"))
-    assert first8 > last4
-
-
 def _check_reused_stages_are_linked(ws: Path, params) -> None:
     """After case 1 (only stage 16 re-ran) the new parent links stages 4 and 8 to the first run's children."""
-    _, parents, children = _mlflow_runs(ws, params)
+    _, parents, children = mlflow_runs(ws, params)
     assert len(parents) == 2
     first, second = parents
     for res in (4, 8):
@@ -192,8 +140,8 @@ def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
     for r in RES:
         assert (ws / paths.eval_json(r)).exists()
     assert (ws / paths.REPORT_HTML).exists()
-    _check_each_stage_resumed_from_the_one_before(ws)
-    _check_first_mlflow_run(ws, params)
+    check_each_stage_resumed_from_the_one_before(ws, RES)
+    check_first_mlflow_run(ws, params, RES)
     for what, value, expected, _ in CASES:
         _apply(ws, what, value)
         before = after
