@@ -147,6 +147,28 @@ def _check_requests(submitted: list[str]) -> None:
     assert sorted(seen) == sorted(["download", "crop", "pyramid", "report"] + ["train", "evaluate"] * len(RES))
 
 
+@pytest.mark.parametrize("missing", ["params.yaml", "progan"])
+def test_a_job_that_cannot_see_the_project_or_the_venv_says_so_in_one_line(tmp_path, missing):
+    """What a cluster job logs when its node lacks the project folder's params.yaml or the venv's progan (the job
+    runs the Snakefile again there; simulated here by removing params.yaml / shadowing progan with a broken one)."""
+    ws = make_workspace(tmp_path / "ws")
+    tiny_params(ws, size_px=SIZE_PX)
+    env = tool_env()
+    if missing == "params.yaml":
+        (ws / "params.yaml").unlink()
+        want = f"no params.yaml in {ws} on host "
+    else:
+        shadow = tmp_path / "shadow" / "progan"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text("raise ImportError('no progan on this node')\n")
+        env["PYTHONPATH"] = str(shadow.parent)
+        want = "cannot import progan (no progan on this node): run snakemake from the project's venv"
+    proc = subprocess.run(["snakemake", "-n"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if want in line]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+
+
 def test_readme_cluster_section_is_what_the_test_runs():
     readme = (REPO / "README.md").read_text()
     assert SNAKEMAKE_SLURM in readme
