@@ -192,6 +192,8 @@ def test_whole_dag_through_slurm_then_nothing_to_do(slurm, tmp_path):
     assert (ws / paths.REPORT_HTML).is_file()
     check_each_stage_resumed_from_the_one_before(ws, RES)
     check_first_mlflow_run(ws, params, RES)
+    _, parents, _ = mlflow_runs(ws, params)   # the parent is the one `progan track-start` made before submitting
+    assert re.search(rf"MLflow parent run {parents[0].info.run_id} ", out.split("has been submitted")[0]), out[:4000]
 
     again = _run(ws)
     assert "Nothing to be done" in again, again[-3000:]
