@@ -85,3 +85,55 @@ def tool_env() -> dict:
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env.pop("PROGAN_MLFLOW_PARENT_RUN_ID", None)
     return env
+
+
+def standin_inception(seed: int = 0, input_px: int = 32):
+    """A stand-in for the Inception network of FID/KID/IS (its weights cannot be downloaded in tests): the
+    interface of torch-fidelity's FeatureExtractorInceptionV3 (uint8 [B, 3, H, W] in; float32 pool features
+    [B, 2048] and logits [B, 1008] out) and its feature sizes, random fixed weights, small and fast. It resizes
+    with torch-fidelity's own TF1 bilinear resize, as the real network does (to `input_px`, not 299)."""
+    import torch
+    from torch import nn
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    class StandIn(FeatureExtractorBase):
+        def __init__(self):
+            super().__init__("standin-inception", ["2048", "logits_unbiased"])
+            g = torch.Generator().manual_seed(seed)
+            self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+            self.conv2 = nn.Conv2d(32, 128, 3, stride=2, padding=1)
+            self.conv3 = nn.Conv2d(128, 2048, 1)
+            self.fc = nn.Linear(2048, 1008, bias=False)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5 if p.dim() > 1 else 10)
+            self.requires_grad_(False)
+            self.eval()
+
+        @staticmethod
+        def get_provided_features_list():
+            return "2048", "logits_unbiased"
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, (x.dtype, x.shape)
+            x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(input_px, input_px), align_corners=False)
+            x = (x - 128) / 128
+            x = torch.relu(self.conv1(x))
+            x = torch.relu(self.conv2(x))
+            x = nn.functional.max_pool2d(x, 2)
+            features = torch.relu(self.conv3(x)).mean((2, 3))                     # [B, 2048]
+            return features, self.fc(features)                                   # [B, 1008]
+
+    return StandIn()
+
+
+def celeba_faces(n: int, res: int, start: int = 0):
+    """uint8 [n, res, res, 3]: real CelebA faces (a centre crop of the aligned images), box-downsampled."""
+    import numpy as np
+    from PIL import Image
+
+    faces = []
+    for f in sorted(CELEBA_DIR.glob("*.jpg"))[start:start + n]:
+        with Image.open(f) as im:
+            faces.append(np.asarray(im.convert("RGB").crop((0, 20, 178, 198)).resize((res, res), Image.BOX)))
+    return np.stack(faces)

@@ -1,22 +1,29 @@
-"""`progan evaluate --res R`: SWD and MS-SSIM of one finished stage -> results/<R>/eval.json.
+"""`progan evaluate --res R`: the metrics `evaluate.metrics` lists, of one finished stage -> results/<R>/eval.json.
 
 Paper §5 / official `metrics/` (tkarras/progressive_growing_of_gans):
-- fakes: `evaluate.num_images` images from G_ema of results/<R>/checkpoint.pt, latents drawn once from
-  `evaluate.seed` (image i has the same latent whatever the batch size), converted to uint8 the official way
-  (x * 127.5 + 127.5, rounded, clipped);
-- reals: as many images of data/pyramid/<R>.npy, a seeded random subset (all of them if fewer exist; the
-  count used is recorded and the same number of fakes is generated);
+- fakes: G_ema of results/<R>/checkpoint.pt on latents drawn once from `evaluate.seed` (image i has the same
+  latent whatever the batch size), converted to uint8 the official way (x * 127.5 + 127.5, rounded, clipped);
+  one pass makes every image any metric needs (SWD's, MS-SSIM's pairs, the Inception metrics' first
+  `evaluate.fid.num_images`), the Inception features are taken while generating;
+- reals: `evaluate.num_images` images of data/pyramid/<R>.npy for SWD, a seeded random subset (all of them if
+  fewer exist; the count used is recorded and the same number of fakes is compared);
 - `swd`: SWD x1e3 per pyramid level and the average, reals vs fakes (metrics/swd.py);
 - `swd_real_vs_real`: the same between two disjoint halves of those reals: the noise floor (its sets are
   half as big, so it sits a little above what a perfect generator would get against the full set);
 - `msssim_fake`: mean MS-SSIM over `evaluate.msssim_pairs` consecutive pairs (2k, 2k+1) of generated images
   (more images are generated for it if needed, official ms_ssim.API); `msssim_real`: the same over random
-  pairs of reals (as many pairs as the reals allow), the reference value.
+  pairs of reals (as many pairs as the reals allow), the reference value;
+- `fid50k`, `kid50k` (+ `_std`), `is50k` (+ `_std`): TF-Inception FID / KID / IS of `evaluate.fid.num_images`
+  fakes (the key names the count) against the reals' statistics (metrics/real_stats.py): the file
+  data/fid-stats/<R>.npz when it matches these settings and this level, else computed here from the level.
+  Only at R >= evaluate.fid.min_res_px; without the Inception weights (offline, no file) one line is logged,
+  the other metrics are still written and these keys are absent; `notes` in eval.json says why.
 At 4 and 8 px the SWD has one level (see metrics/swd.py) and MS-SSIM fewer scales (metrics/msssim.py).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -25,26 +32,16 @@ import torch
 
 from progan import paths
 from progan.errors import ProganError, out_of_memory_error
-from progan.fileio import scratch_array, torch_load, write_json
+from progan.fileio import scratch_array, sha256_file, torch_load, write_json
 from progan.log import log, progress
+from progan.metrics import fid as fid_mod
+from progan.metrics import inception
 from progan.metrics import msssim as msssim_mod
+from progan.metrics import real_stats as stats_mod
 from progan.metrics import swd as swd_mod
+from progan.metrics.registry import METRICS, EvalContext
 
 _RAM_IMAGE_BYTES = 2 << 30      # generated images above this go to an unlinked temp file beside eval.json
-
-
-class _Rows:
-    """Rows `index` of an [N, ...] array or memmap, read only when sliced (for SWD's batched passes)."""
-
-    def __init__(self, array, index: np.ndarray):
-        self.array, self.index = array, np.asarray(index)
-        self.shape = (len(self.index), *array.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, item):
-        return self.array[self.index[item]]
 
 
 def _open_reals(res: int) -> np.ndarray:
@@ -80,15 +77,18 @@ def latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, device, res: int, spill_dir: str):
-    """Run G on every latent; keep the first `num_keep` images and score pairs (2k, 2k+1), k < num_pairs.
+def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, device, res: int, spill_dir: str,
+             sink=None, sink_count: int = 0):
+    """Run G on every latent; keep the first `num_keep` images, score pairs (2k, 2k+1), k < num_pairs, and hand
+    the first `sink_count` images, batch by batch, to `sink(uint8 [B, R, R, 3])` (the Inception features).
 
     Returns (uint8 images [num_keep, R, R, 3], mean MS-SSIM of the pairs or None).
     """
     batch = max(2, batch - batch % 2)          # even batches: a pair never straddles two batches
     keep = _image_buffer(num_keep, res, spill_dir)
     pair_scores = []
-    with progress(total=len(z), desc=f"evaluate {res}px: generate", unit="img") as bar:   # closed on errors too
+    desc = f"evaluate {res}px: generate" + (" + Inception" if sink is not None and sink_count else "")
+    with progress(total=len(z), desc=desc, unit="img") as bar:   # closed on errors too
         for start in range(0, len(z), batch):
             stop = min(start + batch, len(z))
             images = to_uint8(G(z[start:stop].to(device)))                         # [B, R, R, 3]
@@ -98,20 +98,11 @@ def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, devi
             if pairs_end >= 2:
                 pairs = images[:pairs_end - pairs_end % 2]
                 pair_scores.append(msssim_mod.msssim_per_pair(pairs[0::2], pairs[1::2], device))
+            if sink is not None and start < sink_count:
+                sink(images[:sink_count - start])
             bar.update(stop - start)
     score = float(torch.cat(pair_scores).mean()) if pair_scores else None
     return keep, score
-
-
-def msssim_of_pairs(images, index: np.ndarray, batch: int, device) -> float | None:
-    """Mean MS-SSIM over pairs (images[index[2k]], images[index[2k+1]])."""
-    scores = []
-    batch = max(2, batch - batch % 2)
-    for start in range(0, len(index) - 1, batch):
-        rows = images[index[start:start + batch]]                                # [B, R, R, 3]
-        m = len(rows) - len(rows) % 2
-        scores.append(msssim_mod.msssim_per_pair(rows[0:m:2], rows[1:m:2], device))
-    return float(torch.cat(scores).mean()) if scores else None
 
 
 def _trained_kimg(path: str) -> float:
@@ -144,78 +135,138 @@ def load_inputs(params, res: int, device) -> tuple:
     return reals, G
 
 
+def _level_sha256(res: int) -> str:
+    """sha256 of data/pyramid/<res>.npy: from pyramid.json (the pyramid stage hashes what it writes), else hashed."""
+    try:
+        info = json.loads(Path(paths.PYRAMID_INFO).read_text())
+        digest = info["levels"][str(res)]["sha256"]
+        if isinstance(digest, str) and len(digest) == 64:
+            return digest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return sha256_file(paths.pyramid_level(res))
+
+
+def _real_stats(res: int, reals, settings, net, device) -> tuple[stats_mod.RealStats, str | None]:
+    """(the reals' statistics, the file they came from or None): data/fid-stats/<res>.npz when it belongs to these
+    settings and this level, else computed here (the file is the fid-stats stage's to write)."""
+    path = paths.fid_stats(res)
+    if Path(path).is_file():
+        try:
+            stats = stats_mod.load_real_stats(path, settings, res, len(reals), _level_sha256(res))
+            if stats is not None:
+                log.info("evaluate %dpx: reals' Inception statistics from %s (%d reals)", res, path, len(stats.features))
+                return stats, path
+            log.info("evaluate %dpx: %s is a placeholder (made without weights); computing the reals' statistics "
+                     "here", res, path)
+        except stats_mod.StaleStats as e:
+            log.warning("evaluate %dpx: %s; computing the reals' statistics here instead", res, e)
+    stats = stats_mod.real_stats_from_level(reals, settings, net, device, res, paths.pyramid_level(res))
+    return stats, None
+
+
+def _inception_inputs(params, res: int, reals, names: list[str], device):
+    """(settings, net, real stats, stats file or None) for the Inception metrics `names`, or a note
+    (str) saying why they are not computed at this stage."""
+    settings = stats_mod.InceptionSettings.from_params(params)
+    what = ", ".join(names)
+    if res < settings.min_res_px:
+        return f"{what}: not computed at {res} px (below evaluate.fid.min_res_px {settings.min_res_px})"
+    try:
+        net, _ = inception.load_network(device, settings.weights, settings.cache_dir)
+    except inception.WeightsUnavailable as e:
+        log.warning("evaluate %dpx: %s; %s not computed, the other metrics still are", res, e, what)
+        return f"{what}: not computed: {e}"
+    stats, stats_file = _real_stats(res, reals, settings, net, device)
+    return settings, net, stats, stats_file
+
+
+def _inception_sink(net, into: fid_mod.FeatureSet, settings, device, res: int):
+    def sink(images: np.ndarray) -> None:
+        try:
+            fid_mod.extract(net, images, into, settings.batch, device)
+        except torch.cuda.OutOfMemoryError as e:
+            raise out_of_memory_error(e, f"evaluate {res} px (Inception)", "evaluate.fid.batch", settings.batch,
+                                      f"progan evaluate --res {res}",
+                                      f"{paths.checkpoint(res)} and any previous {paths.eval_json(res)} are untouched") from e
+    return sink
+
+
 def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
-    """Compute every metric of stage `res`; returns the eval.json dict (not written)."""
+    """Compute every selected metric of stage `res`; returns the eval.json dict (not written)."""
     t0 = time.time()
     ev = params.evaluate
     device = swd_mod.default_device()
     reals, G = inputs if inputs is not None else load_inputs(params, res, device)
     ckpt = paths.checkpoint(res)
+    selected = list(ev.metrics)
     n = min(int(ev.num_images), len(reals))
-    if n < int(ev.num_images):
+    if n < int(ev.num_images) and "swd" in selected:
         log.warning("evaluate %dpx: only %d real images in %s (evaluate.num_images is %d); using %d reals "
                     "and %d fakes", res, len(reals), paths.pyramid_level(res), ev.num_images, n, n)
-    num_pairs = int(ev.msssim_pairs)
+    num_pairs = int(ev.msssim_pairs) if "msssim" in selected else 0
     batch, seed = int(ev.batch), int(ev.seed)
-    log.info("evaluate %dpx: %d fakes vs %d reals on %s, SWD %d x %d directions, MS-SSIM over %d pairs",
-             res, n, n, device, ev.swd_repeats, ev.swd_directions, num_pairs)
+    notes: list[str] = []
+    wanted = [m for m in selected if METRICS[m].inception]
+    got = _inception_inputs(params, res, reals, wanted, device) if wanted else None
+    if isinstance(got, str):
+        notes.append(got)
+        wanted, got = [], None
+    settings, net, real_stats, stats_file = got or (None,) * 4
+    n_inception = settings.num_images if wanted else 0
+    log.info("evaluate %dpx on %s: %s; %d fakes vs %d reals for SWD (%d x %d directions), MS-SSIM over %d pairs%s",
+             res, device, ", ".join(m for m in selected if not METRICS[m].inception or m in wanted), n, n,
+             ev.swd_repeats, ev.swd_directions, num_pairs,
+             f", {n_inception} fakes vs {len(real_stats.features)} reals for {', '.join(wanted)}" if wanted else "")
 
-    z = latents(seed, max(n, 2 * num_pairs), G.cfg.latent_dim)
-    fakes, msssim_fake = generate(G, z, n, num_pairs, batch, device, res, paths.stage_dir(res))
-    del G
+    fake_features = stats_mod.fake_feature_set(settings, wanted, device) if wanted else None
+    sink = _inception_sink(net, fake_features, settings, device, res) if wanted else None
+    z = latents(seed, max(n if "swd" in selected else 0, 2 * num_pairs, n_inception, 1), G.cfg.latent_dim)
+    fakes, msssim_fake = generate(G, z, n if "swd" in selected else 0, num_pairs, batch, device, res,
+                                  paths.stage_dir(res), sink=sink, sink_count=n_inception)
+    del G, net
 
-    perm = np.random.default_rng(seed).permutation(len(reals))                  # random reals, fixed by seed
-    real_rows = _Rows(reals, perm[:n])
-    half = n // 2
-    swd_opts = dict(descriptors_per_image=int(ev.swd_descriptors_per_image), directions=int(ev.swd_directions),
-                    repeats=int(ev.swd_repeats), seed=seed, batch=batch, device=device,
-                    spill_dir=paths.stage_dir(res))
-    levels = len(swd_mod.level_sizes_px(res))
-    with progress(total=2 * levels * (n + half), desc=f"evaluate {res}px: SWD", unit="img") as bar:
-        swd = swd_mod.swd(real_rows, fakes, tick=bar.update, **swd_opts)
-        log.info("evaluate %dpx: SWD x1e3 reals vs fakes %s", res, _fmt(swd))
-        swd_rr = swd_mod.swd(_Rows(reals, perm[:half]), _Rows(reals, perm[half:2 * half]), tick=bar.update,
-                             **swd_opts)
-    log.info("evaluate %dpx: SWD x1e3 real half vs real half (noise floor) %s", res, _fmt(swd_rr))
-    del fakes
+    ctx = EvalContext(res=res, ev=ev, device=device, reals=reals,
+                      perm=np.random.default_rng(seed).permutation(len(reals)),     # random reals, fixed by seed
+                      n=n, fakes=fakes, msssim_fake=msssim_fake, spill_dir=paths.stage_dir(res), inception=settings,
+                      fake_features=fake_features, real_stats=real_stats)
+    values = {name: METRICS[name].fn(ctx) for name in selected if not METRICS[name].inception or name in wanted}
+    ctx.fakes = fakes = None
 
-    real_pairs = min(num_pairs, len(reals) // 2)
-    msssim_real = msssim_of_pairs(reals, perm[:2 * real_pairs], batch, device) if real_pairs else None
-    log.info("evaluate %dpx: MS-SSIM fakes %s (%d pairs), reals %s (%d pairs)", res, _fmt(msssim_fake),
-             num_pairs, _fmt(msssim_real), real_pairs)
-    return {
-        "res_px": res,
-        "num_images": n,
-        "num_images_requested": int(ev.num_images),
-        "num_reals_available": int(len(reals)),
-        "swd": swd,
-        "swd_real_vs_real": swd_rr,
-        "swd_real_vs_real_images": half,
-        "msssim_fake": msssim_fake,
-        "msssim_real": msssim_real,
-        "msssim_pairs_fake": num_pairs,
-        "msssim_pairs_real": real_pairs,
-        "total_kimg": _trained_kimg(ckpt),
-        "device": str(device),
-        "seconds": round(time.time() - t0, 3),
-    }
+    result = {"res_px": res, "num_images": n, "num_images_requested": int(ev.num_images),
+              "num_reals_available": int(len(reals)), "metrics": selected, "notes": notes}
+    if "swd" in values:
+        result["swd"] = {k: v for k, v in values["swd"].items() if not k.startswith("swd_real_vs_real_")}
+        result["swd_real_vs_real"] = {f"swd_{k[len('swd_real_vs_real_'):]}": v for k, v in values["swd"].items()
+                                      if k.startswith("swd_real_vs_real_")}
+    if "msssim" in values:
+        result.update(msssim_fake=values["msssim"].get("msssim_fake"), msssim_real=values["msssim"].get("msssim_real"))
+    result.update(ctx.info)
+    for name in wanted:
+        result.update(values[name])
+    if wanted:
+        result["inception"] = {"metrics": wanted, "num_fakes": n_inception, "num_reals": len(real_stats.features),
+                               "stats_file": stats_file, "weights_sha256": inception.WEIGHTS.sha256,
+                               "kid_subsets": settings.kid_subsets,
+                               "is_splits": settings.is_splits}
+        log.info("evaluate %dpx: %s", res, " ".join(f"{k}={v:.4g}" for name in wanted for k, v in values[name].items()))
+    result.update(total_kimg=_trained_kimg(ckpt), device=str(device), seconds=round(time.time() - t0, 3))
+    return result
 
 
 def _mlflow_metrics(result: dict) -> dict[str, float]:
-    """swd_<px>, swd_avg, swd_real_vs_real_<px>, swd_real_vs_real_avg, msssim_fake, msssim_real, eval_seconds."""
-    metrics = dict(result["swd"])
-    metrics.update({f"swd_real_vs_real_{k[len('swd_'):]}": v for k, v in result["swd_real_vs_real"].items()})
-    metrics.update({k: result[k] for k in ("msssim_fake", "msssim_real") if result[k] is not None})
+    """swd_<px>, swd_avg, swd_real_vs_real_<px>, swd_real_vs_real_avg, msssim_fake, msssim_real, fid<N>, kid<N>,
+    kid<N>_std, is<N>, is<N>_std, eval_seconds (whichever were computed)."""
+    metrics = dict(result.get("swd", {}))
+    metrics.update({f"swd_real_vs_real_{k[len('swd_'):]}": v for k, v in result.get("swd_real_vs_real", {}).items()})
+    metrics.update({k: result[k] for k in ("msssim_fake", "msssim_real") if result.get(k) is not None})
+    inc = result.get("inception")
+    if inc:
+        for name in inc["metrics"]:
+            key = fid_mod.metric_key(name, inc["num_fakes"])
+            metrics.update({k: result[k] for k in (key, f"{key}_std") if k in result})
     metrics["eval_seconds"] = result["seconds"]
     return metrics
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v:.3f}" for k, v in value.items())
-    return f"{value:.4f}"
 
 
 def run(params, res: int, lease=None) -> dict:

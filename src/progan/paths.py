@@ -12,6 +12,7 @@ FACES_IMAGES_DIR = "data/faces/images"    # kept crops, crop.size px PNG, number
 FACES_MANIFEST = "data/faces/manifest.csv"  # every input image: status, reason, score, box, landmarks
 PYRAMID_DIR = "data/pyramid"
 PYRAMID_INFO = "data/pyramid/pyramid.json"
+FID_STATS_DIR = "data/fid-stats"           # the reals' Inception statistics, one file per resolution
 RESULTS_DIR = "results"
 REPORT_DIR = "results/report"
 REPORT_HTML = "results/report/index.html"
@@ -22,6 +23,11 @@ STATE_DIR = ".progan"                     # run-local state outside declared out
 
 def pyramid_level(res_px: int) -> str:
     return f"{PYRAMID_DIR}/{res_px}.npy"
+
+
+def fid_stats(res_px: int) -> str:
+    """The reals' Inception statistics of level `res_px` (metrics/real_stats.py; the fid-stats@<R> stage)."""
+    return f"{FID_STATS_DIR}/{res_px}.npz"
 
 
 def stage_dir(res_px: int) -> str:
