@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -19,3 +20,24 @@ def pytest_collection_modifyitems(config, items):
         return any(m.args and str(m.args[0]).startswith("e2e_") for m in item.iter_markers("xdist_group"))
 
     items.sort(key=lambda item: not is_e2e(item))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_inception_download(tmp_path_factory, monkeypatch):
+    """No test downloads the Inception weights (FID/KID/IS) or finds a real copy: an empty cache folder (inherited
+    by the subprocesses tests start) and, in this process, a URL on a closed local port. Tests that fetch serve
+    their own file (tests/test_inception.py); the others use helpers.standin_inception."""
+    import socket
+
+    monkeypatch.setenv("PROGAN_CACHE_DIR", str(tmp_path_factory.mktemp("inception-cache")))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    from progan.metrics import inception
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(inception, "WEIGHTS", dataclasses.replace(inception.WEIGHTS,
+                                                                  url=f"http://127.0.0.1:{port}/{inception.WEIGHTS.name}"))

@@ -14,6 +14,7 @@ from helpers import CELEBA_DIR, tiny_params
 from progan import cli, paths
 from progan import evaluate as E
 from progan import params as params_mod
+from progan.metrics import inception
 from progan.model.networks import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Generator, ModelConfig
 
 RES = 16
@@ -154,3 +155,116 @@ def test_errors_are_one_line_and_keep_previous_results(project, tmp_path, capsys
     assert err[-1].startswith(f"progan evaluate: error: {message}"), err[-1]
     assert "Traceback" not in "\n".join(err)
     assert old.read_text() == '{"old": true}\n'
+
+
+# ---- FID, KID and IS in `progan evaluate` (the stand-in network: the published weights cannot be fetched here) ----
+
+FID_RES = 32
+
+
+@pytest.fixture
+def fid_project(tmp_path, monkeypatch):
+    """A 32 px stage (>= evaluate.fid.min_res_px) with 80 real faces; fid/kid/is of 64 fakes vs those reals."""
+    p = tiny_params(tmp_path, size_px=FID_RES, evaluate__metrics=["swd", "msssim", "fid", "kid", "is"],
+                    evaluate__fid__num_images=64, evaluate__fid__kid_subset_size=50, evaluate__fid__kid_subsets=10,
+                    evaluate__fid__batch=32)
+    write_reals(tmp_path, 80, res=FID_RES)
+    write_checkpoint(tmp_path, res=FID_RES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path / "cache"))
+    return p
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    from helpers import standin_inception
+
+    net = standin_inception()
+    calls = []
+
+    def load_network(device, explicit=None, configured_cache=None):
+        calls.append(device)
+        return net.to(device), "stand-in"
+    monkeypatch.setattr(inception, "load_network", load_network)
+    return calls
+
+
+def _offline(monkeypatch):
+    import dataclasses
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(inception, "WEIGHTS", dataclasses.replace(inception.WEIGHTS, url=f"http://127.0.0.1:{port}/w.pth"))
+
+
+def test_fid_kid_is_land_in_eval_json_and_mlflow_beside_unchanged_swd(fid_project, tmp_path, standin):
+    assert cli.main(["evaluate", "--params", str(fid_project), "--res", str(FID_RES)]) == 0
+    result = json.loads((tmp_path / paths.eval_json(FID_RES)).read_text())
+    for key in ("fid64", "kid64", "kid64_std", "is64", "is64_std"):
+        assert math.isfinite(result[key]), key
+    assert result["fid64"] > 0 and result["is64"] >= 1
+    assert set(result["swd"]) == set(result["swd_real_vs_real"]) == {"swd_32", "swd_16", "swd_avg"}
+    for key in ("num_images", "num_images_requested", "num_reals_available", "swd_real_vs_real_images",
+                "msssim_fake", "msssim_real", "msssim_pairs_fake", "msssim_pairs_real", "total_kimg", "device",
+                "seconds", "res_px"):
+        assert key in result, key
+    assert result["inception"] == {"metrics": ["fid", "kid", "is"], "num_fakes": 64, "num_reals": 80,
+                                   "stats_file": None, "weights_sha256": inception.WEIGHTS.sha256, "kid_subsets": 10,
+                                   "is_splits": 10}
+    assert result["kid_subset_size"] == 50 and result["notes"] == []
+
+    from mlflow import MlflowClient
+
+    from progan import tracking
+    p = params_mod.load(fid_project)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(p))
+    runs = client.search_runs([client.get_experiment_by_name(p.mlflow.experiment).experiment_id])
+    child = [r for r in runs if "fid64" in r.data.metrics]
+    assert len(child) == 1 and child[0].data.metrics["kid64"] == pytest.approx(result["kid64"])
+    assert child[0].data.metrics["swd_avg"] == pytest.approx(result["swd"]["swd_avg"])
+
+
+def test_the_reals_stats_file_is_reused_and_gives_the_same_numbers(fid_project, tmp_path, standin, monkeypatch):
+    from progan.metrics import real_stats
+
+    inline = E.evaluate(params_mod.load(fid_project), FID_RES)
+    settings = real_stats.InceptionSettings.from_params(params_mod.load(fid_project))
+    real_stats.compute_real_stats(paths.pyramid_level(FID_RES), settings)            # what fid-stats@32 runs
+    computed = []
+    original = real_stats.real_stats_from_level
+    monkeypatch.setattr(real_stats, "real_stats_from_level", lambda *a, **k: computed.append(1) or original(*a, **k))
+    for _ in range(2):
+        reused = E.evaluate(params_mod.load(fid_project), FID_RES)
+        assert reused["inception"]["stats_file"] == paths.fid_stats(FID_RES)
+        for key in ("fid64", "kid64", "is64"):
+            assert reused[key] == inline[key], key
+    assert computed == []                                                             # the reals were not redone
+    # another level (a new pyramid): the file is stale, the reals are computed here and the line says why
+    write_reals(tmp_path, 70, res=FID_RES)
+    again = E.evaluate(params_mod.load(fid_project), FID_RES)
+    assert computed == [1] and again["inception"]["stats_file"] is None and again["inception"]["num_reals"] == 70
+
+
+def test_offline_without_weights_one_line_and_swd_msssim_still_land(fid_project, tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch)
+    assert cli.main(["evaluate", "--params", str(fid_project), "--res", str(FID_RES)]) == 0
+    result = json.loads((tmp_path / paths.eval_json(FID_RES)).read_text())
+    assert not [k for k in result if k.startswith(("fid", "kid", "is"))] and "inception" not in result
+    assert result["swd"]["swd_avg"] > 0 and 0 <= result["msssim_fake"] <= 1
+    dest = tmp_path / "cache" / inception.WEIGHTS.name
+    lines = [line for line in capsys.readouterr().err.splitlines() if "Inception weights" in line]
+    assert len(lines) == 1 and f"{dest} is missing and cannot be fetched" in lines[0], lines
+    assert inception.WEIGHTS.url in lines[0] and "fid, kid, is not computed, the other metrics still are" in lines[0]
+    assert len(result["notes"]) == 1 and result["notes"][0].startswith("fid, kid, is: not computed: Inception weights")
+
+
+def test_below_min_res_px_no_inception_and_a_note(project, tmp_path, monkeypatch):
+    def must_not_load(*a, **k):
+        raise AssertionError("no Inception below evaluate.fid.min_res_px")
+    monkeypatch.setattr(inception, "load_network", must_not_load)
+    result = E.evaluate(params_mod.load(project), RES)
+    assert result["metrics"] == ["swd", "msssim", "fid", "kid"]
+    assert result["notes"] == ["fid, kid: not computed at 16 px (below evaluate.fid.min_res_px 32)"]
+    assert not [k for k in result if k.startswith(("fid", "kid"))]

@@ -85,3 +85,18 @@ def test_read_only_and_digest(tmp_path):
     q = params_mod.load(write_params(tmp_path / "b", seed=1))
     assert p.digest() != q.digest()
     assert p.get("train.stages.16.lr") == 0.001 and p.get("nope.x") is None
+
+
+def test_evaluate_metrics_are_the_registry_names_and_checked_with_one_line(tmp_path):
+    from progan.metrics.registry import METRICS
+
+    node = params_mod.schema()["properties"]["evaluate"]["properties"]["metrics"]
+    assert node["items"]["enum"] == list(METRICS)                     # the schema validates against the registry
+    assert all(METRICS[m].inception == (m in ("fid", "kid", "is")) for m in METRICS)
+    assert _error(tmp_path, evaluate__metrics=["swd", "fdi"]) == (
+        'params.yaml: evaluate.metrics.1 must be one of "swd", "msssim", "fid", "kid", "is", got "fdi"')
+    for bad in (["swd", "fid", "fid"], ["fid", "kid"]):
+        assert _error(tmp_path, evaluate__metrics=bad).startswith(
+            "params.yaml: evaluate.metrics must be a list of distinct metric names from swd, msssim, fid, kid, is, "
+            "including swd"), bad
+    assert _error(tmp_path, evaluate__fid__min_res_px=0) == "params.yaml: evaluate.fid.min_res_px must be >= 1, got 0"

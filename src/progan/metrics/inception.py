@@ -84,8 +84,9 @@ def _refused(path: Path, got: str, weights: WeightsFile, fix: str) -> WeightsUna
                               f"(sha256 {weights.sha256}); nothing was loaded from it; {fix}")
 
 
-def verified_bytes(path: Path, weights: WeightsFile = WEIGHTS, fix: str = "") -> bytes:
+def verified_bytes(path: Path, weights: WeightsFile | None = None, fix: str = "") -> bytes:
     """The file's bytes if their sha256 is the pinned one, else a one-line WeightsUnavailable (nothing parsed)."""
+    weights = weights or WEIGHTS
     fix = fix or f"replace it with a fresh copy ({_how_to_get(weights)})"
     try:
         data = path.read_bytes()
@@ -97,8 +98,9 @@ def verified_bytes(path: Path, weights: WeightsFile = WEIGHTS, fix: str = "") ->
     return data
 
 
-def fetch(dest: Path, weights: WeightsFile = WEIGHTS) -> None:
+def fetch(dest: Path, weights: WeightsFile | None = None) -> None:
     """Download weights.url to `dest` (atomically; hashed while streaming; a wrong file is never kept)."""
+    weights = weights or WEIGHTS
     missing = (f"Inception weights for fid/kid/is: {dest} is missing and cannot be fetched ({{why}}); "
                f"{_how_to_get(weights)} to that path, or set evaluate.inception_weights: PATH to a copy")
     try:
@@ -128,8 +130,9 @@ def fetch(dest: Path, weights: WeightsFile = WEIGHTS) -> None:
 
 
 def weights_bytes(explicit: str | None = None, configured_cache: str | None = None,
-                  weights: WeightsFile = WEIGHTS) -> tuple[bytes, str]:
+                  weights: WeightsFile | None = None) -> tuple[bytes, str]:
     """(verified bytes of the weights file, where they came from); see the module docstring for the order."""
+    weights = weights or WEIGHTS
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
