@@ -90,6 +90,11 @@ def write_stage_outputs(root: Path) -> None:
         e = EVALS[r]
         ev = {"res_px": r, "num_images": 40, "swd": e["swd"], "swd_real_vs_real": e["rr"],
               "msssim_fake": e["ms"][0], "msssim_real": e["ms"][1], "seconds": 30.0}
+        if r == 16:     # as with evaluate.fid.min_res_px 16: FID and KID of 40 fakes at 16 px, a note below it
+            ev.update(fid40=55.5, kid40=0.0425, kid40_std=0.004, notes=[], metrics=["swd", "msssim", "fid", "kid"],
+                      inception={"metrics": ["fid", "kid"], "num_fakes": 40, "num_reals": 40})
+        else:
+            ev["notes"] = [f"fid, kid: not computed at {r} px (below evaluate.fid.min_res_px 16)"]
         (d / "eval.json").write_text(json.dumps(ev))
     write_checkpoint(root)
 
@@ -157,9 +162,9 @@ def test_html_fmt_and_escape():
 def test_dvc_plot_files(built):
     swd = (built.root / paths.REPORT_SWD_PLOT).read_text().splitlines()
     assert swd[0].split("\t") == ["res_px", "swd_avg", "swd_real_vs_real_avg", "msssim_fake", "msssim_real",
-                                  "swd_16", "swd_8", "swd_4"]
-    assert swd[1].split("\t") == ["4", "80", "2", "", "", "", "", "80"]
-    assert swd[3].split("\t") == ["16", "20", "4", "0.25", "0.22", "20", "", ""]
+                                  "swd_16", "swd_8", "swd_4", "fid40", "kid40", "kid40_std"]
+    assert swd[1].split("\t") == ["4", "80", "2", "", "", "", "", "80", "", "", ""]
+    assert swd[3].split("\t") == ["16", "20", "4", "0.25", "0.22", "20", "", "", "55.5", "0.0425", "0.004"]
     losses = [line.split("\t") for line in (built.root / paths.REPORT_LOSS_PLOT).read_text().splitlines()]
     assert losses[0] == ["res_px"] + LOSS_COLUMNS
     assert len(losses) == 1 + 4 * len(RES)
@@ -177,6 +182,8 @@ def test_summary_in_mlflow_parent(built):
     assert (m["swd_avg_r4"], m["swd_avg_r8"], m["swd_avg_r16"]) == (80.0, 40.0, 20.0)
     assert m["swd_real_vs_real_avg_r16"] == 4.0 and m["msssim_fake_r16"] == 0.25
     assert "msssim_fake_r4" not in m                     # None in eval.json: not logged
+    assert (m["fid40_r16"], m["kid40_r16"], m["kid40_std_r16"]) == (55.5, 0.0425, 0.004)
+    assert "fid40_r8" not in m
     assert run.info.status == "FINISHED"
 
 
@@ -184,7 +191,9 @@ def test_page_content(built):
     page = (built.root / paths.REPORT_HTML).read_text()
     for r in RES:
         assert f'id="stage-{r}"' in page
-    assert page.count("<img ") == 5 + len(RES)   # reals, final samples, strip, 2 plots, one grid per stage
+    assert page.count("<img ") == 6 + len(RES)   # reals, final samples, strip, 3 plots, one grid per stage
+    assert "<th>fid40</th><th>kid40</th>" in page and "<td>55.5</td>" in page
+    assert "8\u00d78: fid, kid: not computed at 8 px (below evaluate.fid.min_res_px 16)" in page
     assert "src=\"http" not in page and "<link" not in page     # self-contained
     assert "train.stages.16.lr" in page and "interpolation_steps" in page
 
@@ -206,7 +215,7 @@ def test_page_in_headless_chromium(built, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     assert 'data-broken-images="0"' in body, body
-    assert f'data-images="{5 + len(RES)}"' in body, body
+    assert f'data-images="{6 + len(RES)}"' in body, body
     for r in RES:
         assert f'id="stage-{r}"' in dom.stdout
     shot = Path(SCREENSHOT_DIR or tmp_path) / "report.png"

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from progan.log import log
 from progan.report import html, plots
 
 STRIP_ROWS = 3                      # interpolation strips (pairs of end latents) on the page
+_INCEPTION_KEY = re.compile(r"^(fid|kid|is)\d+k?(_std)?$")     # fid50k, kid50k_std, is10k, fid400 (metrics/fid.py)
 REQUIRED_LOSS_COLUMNS = ("total_kimg", "alpha", "d_loss", "g_loss")
 
 
@@ -177,17 +179,27 @@ def _tsv(header: list[str], rows: list[list]) -> str:
     return "".join("\t".join(map(str, r)) + "\n" for r in [header, *rows])
 
 
+def inception_keys(stages: list[StageResult]) -> list[str]:
+    """The FID / KID / IS keys any stage's eval.json holds (fid50k, kid50k, kid50k_std, ...), first seen first."""
+    keys: list[str] = []
+    for s in stages:
+        keys += [k for k in s.eval if _INCEPTION_KEY.match(k) and isinstance(s.eval[k], (int, float)) and k not in keys]
+    return keys
+
+
 def swd_table(stages: list[StageResult]) -> tuple[list[str], list[list]]:
-    """One row per stage: res_px, swd_avg, floor, MS-SSIM, then each level px (blank where a stage has none)."""
+    """One row per stage: res_px, swd_avg, floor, MS-SSIM, each level px, then FID / KID / IS where computed
+    (blank where a stage has none: no such level, or a stage below evaluate.fid.min_res_px)."""
     levels = sorted({int(k[4:]) for s in stages for k in s.eval["swd"] if k != "swd_avg"}, reverse=True)
+    extra = inception_keys(stages)
     header = ["res_px", "swd_avg", "swd_real_vs_real_avg", "msssim_fake", "msssim_real"]
-    header += [f"swd_{lv}" for lv in levels]
+    header += [f"swd_{lv}" for lv in levels] + extra
     rows = []
     for s in stages:
         ev = s.eval
         cells = [s.res_px, ev["swd"]["swd_avg"], ev["swd_real_vs_real"].get("swd_avg", ""),
                  ev.get("msssim_fake"), ev.get("msssim_real")]
-        cells += [ev["swd"].get(f"swd_{lv}", "") for lv in levels]
+        cells += [ev["swd"].get(f"swd_{lv}", "") for lv in levels] + [ev.get(k, "") for k in extra]
         rows.append(["" if c is None else (f"{c:.6g}" if isinstance(c, float) else c) for c in cells])
     return header, rows
 
@@ -205,7 +217,8 @@ def losses_table(stages: list[StageResult]) -> tuple[list[str], list[list]]:
 
 
 def summary_metrics(stages: list[StageResult]) -> dict[str, float]:
-    """What the MLflow parent run gets: final SWD (average and per level), floor and MS-SSIM per stage."""
+    """What the MLflow parent run gets: final SWD (average and per level), floor, MS-SSIM and FID / KID / IS
+    (fid50k_r64, ...) per stage."""
     out: dict[str, float] = {}
     for s in stages:
         for key, value in s.eval["swd"].items():
@@ -213,7 +226,7 @@ def summary_metrics(stages: list[StageResult]) -> dict[str, float]:
             out[f"{name}_r{s.res_px}"] = float(value)
         if "swd_avg" in s.eval["swd_real_vs_real"]:
             out[f"swd_real_vs_real_avg_r{s.res_px}"] = float(s.eval["swd_real_vs_real"]["swd_avg"])
-        for key in ("msssim_fake", "msssim_real"):
+        for key in ("msssim_fake", "msssim_real", *inception_keys([s])):
             if s.eval.get(key) is not None:
                 out[f"{key}_r{s.res_px}"] = float(s.eval[key])
         out[f"train_seconds_r{s.res_px}"] = float(s.train["seconds"])
@@ -243,9 +256,13 @@ def run(params) -> None:
                                   "msssim_fake": s.eval.get("msssim_fake"), "msssim_real": s.eval.get("msssim_real")}
                                  for s in stages]),
     }
+    inception = plots.inception_curves([{"res_px": s.res_px, **{k: s.eval[k] for k in inception_keys([s])}}
+                                        for s in stages])
+    if inception is not None:
+        figures["inception"] = inception
     strip, strip_note = interpolation_strip(root, final, int(params.report.interpolation_steps), int(params.seed))
     page = html.page(params, stages, figures, plots.png_bytes(plots.image_grid(reals)), strip, strip_note,
-                     swd_header, swd_rows)
+                     swd_header, swd_rows, inception_keys(stages))
     write_text(root / paths.REPORT_HTML, page)
     final_swd = ", ".join(f"{s.res_px}px {s.eval['swd']['swd_avg']:.3g}" for s in stages)
     log.info("report: wrote %s (%.1f MB); SWD avg x1e3 per stage: %s", paths.REPORT_HTML, len(page) / 1e6, final_swd)

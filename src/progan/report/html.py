@@ -92,21 +92,25 @@ def _flat(tree, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, tree if isinstance(tree, str) else json.dumps(tree))]
 
 
-def _summary(stages) -> str:
+def _summary(stages, inception_keys: list[str]) -> str:
+    """The stage table; FID / KID / IS columns where any stage has them, the eval notes (e.g. a stage below
+    evaluate.fid.min_res_px, or no Inception weights) under it."""
+    means = [k for k in inception_keys if not k.endswith("_std")]
     header = ["stage", "total kimg", "train time", "img/s", "SWD avg \u00d710\u00b3", "real-vs-real floor",
-              "MS-SSIM generated", "MS-SSIM real", "evaluate time"]
-    rows = []
+              "MS-SSIM generated", "MS-SSIM real", *means, "evaluate time"]
+    rows, notes = [], []
     for s in stages:
         t, ev = s.train, s.eval
         kimg = t.get("total_kimg", s.losses["total_kimg"][-1] if s.losses["total_kimg"] else None)
         rows.append([f"{s.res_px}\u00d7{s.res_px}", kimg, duration(t["seconds"]), t["img_per_s"], ev["swd"]["swd_avg"],
                      ev["swd_real_vs_real"].get("swd_avg"), ev.get("msssim_fake"), ev.get("msssim_real"),
-                     duration(ev.get("seconds"))])
-    return table(header, rows)
+                     *[ev.get(k) for k in means], duration(ev.get("seconds"))])
+        notes += [f"{s.res_px}\u00d7{s.res_px}: {n}" for n in ev.get("notes", []) if isinstance(n, str)]
+    return table(header, rows) + "".join(f"<p class=note>{esc(n)}</p>" for n in notes)
 
 
 def page(params, stages, figures: dict[str, bytes], reals_png: bytes, strip_png: bytes | None, strip_note: str,
-         swd_header: list[str], swd_rows: list[list]) -> str:
+         swd_header: list[str], swd_rows: list[list], inception_keys: list[str] = ()) -> str:
     """The whole page. `stages`: progan.report.StageResult list, coarsest first."""
     final = stages[-1]
     n_real = int(params.report.grid_images)
@@ -117,7 +121,7 @@ def page(params, stages, figures: dict[str, bytes], reals_png: bytes, strip_png:
         f"<h1>ProGAN run report</h1><p class=sub>Progressive growing of GANs (Karras et al. 2017) on "
         f"{esc(params.data.source)} faces, {stages[0].res_px} \u2192 {final.res_px} px in {len(stages)} stages; "
         f"params digest <code>{esc(params.digest()[:12])}</code></p>",
-        '<section id="summary"><h2>Stages</h2>', _summary(stages), "</section>",
+        '<section id="summary"><h2>Stages</h2>', _summary(stages, list(inception_keys)), "</section>",
         f'<section id="final"><h2>Real vs generated at {final.res_px}\u00d7{final.res_px}</h2>',
         f"<figure>{img(reals_png, f'real images {final.res_px} px')}<figcaption>real: {n_real} images from "
         f"{esc(paths.pyramid_level(final.res_px))} (seeded sample)</figcaption></figure>",
@@ -138,7 +142,12 @@ def page(params, stages, figures: dict[str, bytes], reals_png: bytes, strip_png:
         "<p>SWD \u00d710\u00b3 per Laplacian-pyramid level between generated and real images (paper \u00a75.1); "
         "the floor is the same distance between two halves of the real images. n/a: no such level at that stage. "
         f"DVC plots file: <code>{esc(paths.REPORT_SWD_PLOT)}</code>.</p>",
-        table(swd_header, swd_rows), "</section>",
+        table(swd_header, swd_rows),
+        *([f"<figure>{img(figures['inception'], 'FID, KID and IS per stage', 'plot')}</figure>",
+           "<p>TF-Inception FID, KID and Inception Score (torch-fidelity) of the generated images against the "
+           "stage's pyramid level; the key names the number of generated images (fid50k: 50,000). Stages below "
+           "evaluate.fid.min_res_px have none.</p>"] if "inception" in figures else []),
+        "</section>",
         '<section id="losses"><h2>Training curves</h2>',
         f"<figure>{img(figures['losses'], 'losses and alpha per stage', 'plot')}</figure>",
         f"<p>DVC plots file: <code>{esc(paths.REPORT_LOSS_PLOT)}</code>.</p></section>",

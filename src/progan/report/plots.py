@@ -125,6 +125,31 @@ def swd_msssim(stages: list[dict]) -> bytes:
     return _png(fig)
 
 
+def inception_curves(stages: list[dict]) -> bytes | None:
+    """FID, KID and IS per stage, one panel each (those computed; KID with its std over subsets as error bars).
+    None when no stage has any (all below evaluate.fid.min_res_px, or not selected).
+
+    `stages`: [{"res_px", "fid50k": .., "kid50k": .., "kid50k_std": .., "is50k": .., "is50k_std": ..}]
+    """
+    keys = []
+    for st in stages:
+        keys += [k for k in st if k != "res_px" and not k.endswith("_std") and k not in keys]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False)
+    res = [st["res_px"] for st in stages]
+    titles = {"fid": "FID (lower is better)", "kid": "KID (lower is better)", "is": "Inception Score (higher is better)"}
+    for ax, key in zip(axes[0], keys):
+        pts = [(st["res_px"], st[key], st.get(f"{key}_std", 0.0)) for st in stages if key in st]
+        x, y, err = zip(*pts)
+        ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", ms=4, lw=1.5, capsize=3)
+        _res_axis(ax, res)
+        ax.set_title(titles[key.rstrip("0123456789k")] + f": {key}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _lead_digit(v: float) -> int:
     return round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
 
