@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import CELEBA_DIR, tiny_params
+from helpers import celeba_faces, tiny_params
+from test_train import one_thread
 from progan import cli, paths
 from progan import evaluate as E
 from progan import params as params_mod
@@ -21,20 +21,14 @@ RES = 16
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread():
     """Tiny tensors: one thread avoids OpenMP spin-waits on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def write_reals(root, n: int, res: int = RES) -> np.ndarray:
-    faces = []
-    for f in sorted(CELEBA_DIR.glob("*.jpg"))[:n]:
-        with Image.open(f) as im:
-            faces.append(np.asarray(im.convert("RGB").crop((0, 20, 178, 198)).resize((res, res), Image.BOX)))
-    arr = np.stack(faces)
+    arr = celeba_faces(n, res)
     (root / paths.PYRAMID_DIR).mkdir(parents=True, exist_ok=True)
     np.save(root / paths.pyramid_level(res), arr)
     return arr

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from test_train import one_thread
 
 from progan.metrics import fid as F
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def _official_frechet_distance(mu1, sigma1, mu2, sigma2):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from helpers import celeba_faces, standin_inception
+from test_train import one_thread
 from progan.errors import ProganError
 from progan.metrics import inception
 from progan.metrics import real_stats as S
@@ -22,11 +23,9 @@ N = 240
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +147,22 @@ def test_inception_score_through_score(faces, net):
     stats = S.real_stats_from_level(faces, settings(), net, "cpu", RES)
     out = S.score(batches(faces), stats, settings(), metrics=("is",), net=net, device="cpu")
     assert set(out) == {"is240", "is240_std"} and out["is240"] >= 1.0 and json.dumps(out)
+
+
+def test_run_is_the_stage_entry(tmp_path, faces, net, monkeypatch):
+    from helpers import tiny_params
+    from progan import params as params_mod
+    from progan import paths
+
+    p = params_mod.load(tiny_params(tmp_path, size_px=RES, evaluate__fid__max_reals=100))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inception, "load_network", lambda device, *a, **k: (net, "stand-in"))
+    with pytest.raises(ProganError, match=r"^--res 16: no Inception statistics .* >= evaluate.fid.min_res_px 32 are 32$"):
+        S.run(p, 16)
+    with pytest.raises(ProganError, match=r"^data/pyramid/32.npy: no real images at 32 px; run `progan pyramid`"):
+        S.run(p, RES)
+    (tmp_path / paths.PYRAMID_DIR).mkdir(parents=True)
+    np.save(tmp_path / paths.pyramid_level(RES), faces)
+    assert str(S.run(p, RES)) == paths.fid_stats(RES) and (tmp_path / paths.fid_stats(RES)).is_file()
+    meta = S.read_meta(paths.fid_stats(RES))
+    assert meta["num_reals"] == 100 and meta["num_level_images"] == N and meta["source"] == paths.pyramid_level(RES)

@@ -206,6 +206,20 @@ def compute_real_stats(level, settings: InceptionSettings, out_path: str | Path 
     return out_path
 
 
+def run(params, res: int) -> Path:
+    """The fid-stats@<res> stage: data/pyramid/<res>.npy -> data/fid-stats/<res>.npz (settings: evaluate.fid)."""
+    res = int(res)
+    settings = InceptionSettings.from_params(params)
+    if res not in params.resolutions or res < settings.min_res_px:
+        usable = [r for r in params.resolutions if r >= settings.min_res_px]
+        raise ProganError(f"--res {res}: no Inception statistics are made for it; the resolutions >= "
+                          f"evaluate.fid.min_res_px {settings.min_res_px} are {', '.join(map(str, usable)) or 'none'}")
+    level = paths.pyramid_level(res)
+    if not Path(level).is_file():
+        raise ProganError(f"{level}: no real images at {res} px; run `progan pyramid` first")
+    return compute_real_stats(level, settings, paths.fid_stats(res), res_px=res)
+
+
 def scores(fakes: fid_mod.FeatureSet, stats: RealStats | None, settings: InceptionSettings,
            metrics: Iterable[str]) -> dict[str, float]:
     """fid<N>, kid<N> and kid<N>_std, is<N> and is<N>_std for the selected metrics (N: settings.num_images)."""
