@@ -1,4 +1,3 @@
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -27,17 +26,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def no_inception_download(tmp_path_factory, monkeypatch):
-    """No test downloads the Inception weights (FID/KID/IS) or finds a real copy: an empty cache folder (inherited
-    by the subprocesses tests start) and, in this process, a URL on a closed local port. Tests that fetch serve
+    """No test downloads the Inception weights (FID/KID/IS) or finds a real copy: an empty cache folder and a
+    mirror URL on a closed local port (both inherited by the subprocesses tests start). Tests that fetch serve
     their own file (tests/test_inception.py); the others use helpers.standin_inception."""
     import socket
-
-    monkeypatch.setenv("PROGAN_CACHE_DIR", str(tmp_path_factory.mktemp("inception-cache")))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
-    from progan.metrics import inception
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(inception, "WEIGHTS", dataclasses.replace(inception.WEIGHTS,
-                                                                  url=f"http://127.0.0.1:{port}/{inception.WEIGHTS.name}"))
+    monkeypatch.setenv("PROGAN_INCEPTION_URL", f"http://127.0.0.1:{port}/weights-inception-2015-12-05-6726825d.pth")
+    monkeypatch.setenv("PROGAN_CACHE_DIR", str(tmp_path_factory.mktemp("inception-cache")))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))

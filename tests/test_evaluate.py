@@ -183,16 +183,6 @@ def standin(monkeypatch):
     return calls
 
 
-def _offline(monkeypatch):
-    import dataclasses
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(inception, "WEIGHTS", dataclasses.replace(inception.WEIGHTS, url=f"http://127.0.0.1:{port}/w.pth"))
-
-
 def test_fid_kid_is_land_in_eval_json_and_mlflow_beside_unchanged_swd(fid_project, tmp_path, standin):
     assert cli.main(["evaluate", "--params", str(fid_project), "--res", str(FID_RES)]) == 0
     result = json.loads((tmp_path / paths.eval_json(FID_RES)).read_text())
@@ -241,8 +231,8 @@ def test_the_reals_stats_file_is_reused_and_gives_the_same_numbers(fid_project, 
     assert computed == [1] and again["inception"]["stats_file"] is None and again["inception"]["num_reals"] == 70
 
 
-def test_offline_without_weights_one_line_and_swd_msssim_still_land(fid_project, tmp_path, monkeypatch, capsys):
-    _offline(monkeypatch)
+def test_offline_without_weights_one_line_and_swd_msssim_still_land(fid_project, tmp_path, capsys):
+    # conftest: no weights in the cache, and the URL is a closed local port (as offline)
     assert cli.main(["evaluate", "--params", str(fid_project), "--res", str(FID_RES)]) == 0
     result = json.loads((tmp_path / paths.eval_json(FID_RES)).read_text())
     assert not [k for k in result if k.startswith(("fid", "kid", "is"))] and "inception" not in result
@@ -250,7 +240,7 @@ def test_offline_without_weights_one_line_and_swd_msssim_still_land(fid_project,
     dest = tmp_path / "cache" / inception.WEIGHTS.name
     lines = [line for line in capsys.readouterr().err.splitlines() if "Inception weights" in line]
     assert len(lines) == 1 and f"{dest} is missing and cannot be fetched" in lines[0], lines
-    assert inception.WEIGHTS.url in lines[0] and "fid, kid, is not computed, the other metrics still are" in lines[0]
+    assert inception.weights_url() in lines[0] and "fid, kid, is not computed, the other metrics still are" in lines[0]
     assert len(result["notes"]) == 1 and result["notes"][0].startswith("fid, kid, is: not computed: Inception weights")
 
 

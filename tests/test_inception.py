@@ -22,8 +22,9 @@ from test_download import serving
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """An empty cache and torch.hub folder, no proxies (the server is local)."""
+    """An empty cache and torch.hub folder, no mirror, no proxies (the server is local)."""
     monkeypatch.setenv(inception.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(inception.URL_ENV)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
@@ -68,10 +69,9 @@ class _RunsCode:
         return Path.touch, (self.marker,)
 
 
-def test_pinned_file_is_torch_fidelitys(monkeypatch):
+def test_pinned_file_is_torch_fidelitys():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    monkeypatch.undo()                                  # conftest points the URL at a closed port: the real one
     w = inception.WEIGHTS
     assert w.url == URL_INCEPTION_V3 and w.url.endswith("/" + w.name)
     assert w.name.split("-")[-1] == f"{w.sha256[:8]}.pth" and len(w.sha256) == 64
@@ -148,6 +148,20 @@ def test_offline_without_the_file_is_one_line_naming_file_folder_and_url(tmp_pat
     assert f"download {url} (sha256 {inception.WEIGHTS.sha256}) to that path" in msg
     assert "evaluate.inception_weights: PATH" in msg and "\n" not in msg
     assert not dest.exists()
+
+
+def test_a_mirror_is_used_and_still_hash_checked(tmp_path, monkeypatch, random_weights):
+    with serving() as srv:
+        srv.files["/mirror/w.pth"] = random_weights
+        _pin(monkeypatch, random_weights, _closed_port_url())                   # the pinned URL is unreachable
+        monkeypatch.setenv(inception.URL_ENV, f"{srv.url}/mirror/w.pth")
+        data, _ = inception.weights_bytes()
+        assert data == random_weights and len(srv.requests) == 1
+        srv.files["/mirror/bad.pth"] = b"not the weights"
+        monkeypatch.setenv(inception.URL_ENV, f"{srv.url}/mirror/bad.pth")
+        monkeypatch.delenv(inception.CACHE_ENV)                                 # an empty cache: fetched again
+        with pytest.raises(inception.WeightsUnavailable, match=r"/mirror/bad.pth: the download's sha256 "):
+            inception.weights_bytes(configured_cache=str(tmp_path / "other"))
 
 
 def test_an_explicit_path_that_is_missing_is_one_line(tmp_path):

@@ -221,9 +221,10 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
 
     fake_features = stats_mod.fake_feature_set(settings, wanted, device) if wanted else None
     sink = _inception_sink(net, fake_features, settings, device, res) if wanted else None
-    z = latents(seed, max(n if "swd" in selected else 0, 2 * num_pairs, n_inception, 1), G.cfg.latent_dim)
-    fakes, msssim_fake = generate(G, z, n if "swd" in selected else 0, num_pairs, batch, device, res,
-                                  paths.stage_dir(res), sink=sink, sink_count=n_inception)
+    n_swd = n if "swd" in selected else 0
+    z = latents(seed, max(n_swd, 2 * num_pairs, n_inception, 1), G.cfg.latent_dim)
+    fakes, msssim_fake = generate(G, z, n_swd, num_pairs, batch, device, res, paths.stage_dir(res), sink=sink,
+                                  sink_count=n_inception)
     del G, net
 
     ctx = EvalContext(res=res, ev=ev, device=device, reals=reals,

@@ -14,7 +14,8 @@ Weights: one file (WEIGHTS), looked up in this order and never downloaded twice:
   2. the cache folder: $PROGAN_CACHE_DIR, else `evaluate.fid.cache_dir`, else $XDG_CACHE_HOME/progan
      (~/.cache/progan);
   3. torch.hub's checkpoints folder (where torch-fidelity itself keeps it), if a copy is already there;
-  4. fetched once from WEIGHTS.url into the cache folder (locked, streamed to a temp file, hashed, renamed).
+  4. fetched once from WEIGHTS.url (or a mirror: $PROGAN_INCEPTION_URL, same bytes) into the cache folder
+     (locked, streamed to a temp file, hashed, renamed).
 Every file is hashed before anything reads it: the .pth is a pickle, and loading a pickle runs code, so the
 bytes that were hashed are the bytes handed to torch.load (no second open of the path).
 """
@@ -38,6 +39,7 @@ LOGITS_DIM = 1008                   # the graph's classifier (1000 ImageNet clas
 FEATURES = ("2048", "logits_unbiased")
 EXTRACTOR_NAME = "inception-v3-compat"   # torch-fidelity's registry name of this network
 CACHE_ENV = "PROGAN_CACHE_DIR"
+URL_ENV = "PROGAN_INCEPTION_URL"     # a mirror of WEIGHTS.url (the sha256 pin still applies)
 FETCH_TIMEOUT_S = 60
 
 
@@ -75,8 +77,13 @@ def cache_dir(configured: str | None = None) -> Path:
     return Path(xdg) / "progan"
 
 
+def weights_url(weights: WeightsFile | None = None) -> str:
+    """Where the weights are fetched from: $PROGAN_INCEPTION_URL (a mirror) or the pinned URL."""
+    return os.environ.get(URL_ENV) or (weights or WEIGHTS).url
+
+
 def _how_to_get(weights: WeightsFile) -> str:
-    return f"download {weights.url} (sha256 {weights.sha256})"
+    return f"download {weights_url(weights)} (sha256 {weights.sha256})"
 
 
 def _refused(path: Path, got: str, weights: WeightsFile, fix: str) -> WeightsUnavailable:
@@ -107,10 +114,11 @@ def fetch(dest: Path, weights: WeightsFile | None = None) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WeightsUnavailable(missing.format(why=f"cannot create {dest.parent}: {e.strerror}")) from None
-    log.info("inception: fetching %s (%.0f MB) into %s", weights.url, weights.size_bytes / 1e6, dest.parent)
+    url = weights_url(weights)
+    log.info("inception: fetching %s (%.0f MB) into %s", url, weights.size_bytes / 1e6, dest.parent)
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(weights.url, timeout=FETCH_TIMEOUT_S) as response, atomic_path(dest) as tmp, \
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, atomic_path(dest) as tmp, \
                 open(tmp, "wb") as out, progress(total=weights.size_bytes, desc="inception weights", unit="B",
                                                  unit_scale=True) as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
@@ -119,7 +127,7 @@ def fetch(dest: Path, weights: WeightsFile | None = None) -> None:
                 bar.update(len(block))
             out.flush()
             if h.hexdigest() != weights.sha256:
-                raise WeightsUnavailable(f"{weights.url}: the download's sha256 {h.hexdigest()} is not the pinned "
+                raise WeightsUnavailable(f"{url}: the download's sha256 {h.hexdigest()} is not the pinned "
                                          f"{weights.sha256}; nothing was kept or loaded; {_how_to_get(weights)} "
                                          f"by hand to {dest}")
     except WeightsUnavailable:
