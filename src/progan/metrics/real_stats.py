@@ -206,8 +206,9 @@ def compute_real_stats(level, settings: InceptionSettings, out_path: str | Path 
     return out_path
 
 
-def run(params, res: int) -> Path:
-    """The fid-stats@<res> stage: data/pyramid/<res>.npy -> data/fid-stats/<res>.npz (settings: evaluate.fid)."""
+def run(params, res: int, lease=None) -> Path:
+    """The fid-stats@<res> stage: data/pyramid/<res>.npy -> data/fid-stats/<res>.npz (settings: evaluate.fid).
+    `lease` (gpus.Lease from the CLI) has already set CUDA_VISIBLE_DEVICES."""
     res = int(res)
     settings = InceptionSettings.from_params(params)
     if res not in params.resolutions or res < settings.min_res_px:
