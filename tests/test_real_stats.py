@@ -126,13 +126,13 @@ def test_without_weights_a_placeholder_is_written_and_scores_nothing(tmp_path, f
     def offline(*a, **k):
         raise inception.WeightsUnavailable("Inception weights for fid/kid/is: X is missing and cannot be fetched")
     monkeypatch.setattr(inception, "load_network", offline)
-    path = S.compute_real_stats(faces, settings(), tmp_path / "32.npz", device="cpu")
+    path = S.compute_real_stats(faces, settings(max_reals=100), tmp_path / "32.npz", device="cpu")
     meta = S.read_meta(path)
     assert meta["available"] is False and meta["reason"].startswith("Inception weights for fid/kid/is: X is missing")
-    assert S.load_real_stats(path, settings(), RES, len(faces)) is None
+    assert S.load_real_stats(path, settings(max_reals=100), RES, len(faces)) is None
     assert "X is missing" in caplog.text
     with pytest.raises(inception.WeightsUnavailable, match="holds no statistics"):
-        S.score(batches(faces), path, settings(), device="cpu")
+        S.score(batches(faces), path, settings(max_reals=100), device="cpu")
 
 
 def test_below_min_res_and_too_few_generated_images_are_one_line_errors(tmp_path, faces, net):

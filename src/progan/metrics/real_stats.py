@@ -197,7 +197,7 @@ def compute_real_stats(level, settings: InceptionSettings, out_path: str | Path 
         except inception.WeightsUnavailable as e:
             log.warning("%s", e)
             meta = {**settings.key(res_px, len(arr)), "available": False, "reason": str(e), "source": source,
-                    "source_sha256": digest}
+                    "source_sha256": digest, "num_level_images": int(len(arr))}
             return save_real_stats(out_path, None, meta)
     stats = real_stats_from_level(arr, settings, net, device, res_px, source, digest)
     save_real_stats(out_path, stats)
@@ -258,7 +258,7 @@ def score(generated: Iterable[np.ndarray], stats: RealStats | str | Path, settin
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(stats, RealStats):
         meta = read_meta(stats)
-        loaded = load_real_stats(stats, settings, meta["res_px"], meta.get("num_level_images", meta["num_reals"]))
+        loaded = load_real_stats(stats, settings, meta["res_px"], meta["num_level_images"])
         if loaded is None:
             raise inception.WeightsUnavailable(f"{stats}: holds no statistics ({meta.get('reason')})")
         stats = loaded
