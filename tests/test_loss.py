@@ -112,3 +112,69 @@ def test_losses_on_the_real_networks_train_only_their_side():
     D.zero_grad(set_to_none=True)
     g_loss(D, fakes, 0.5).backward()
     assert G.blocks["8"].conv1.weight.grad is not None and torch.isfinite(G.blocks["4"].dense.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- gp_resolution
+
+def _official_upscale(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Nearest upscale by f exactly as the official code writes it (train.py L74-79 UpscaleLOD, networks.py
+    upscale2d L72-80): reshape to [N, C, H, 1, W, 1], tile f x f, reshape to [N, C, H*f, W*f]."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h, 1, w, 1).expand(n, c, h, f, w, f).reshape(n, c, h * f, w * f)
+
+
+def _official_penalty(D, reals, fakes, alpha, mix, f):
+    """The official penalty at stage R of an N = R * f px network (loss.py L57-67 on the upscaled images):
+    reals and fakes nearest-upscaled to N px, D_official = our D behind a box downscale by f (networks.py
+    downscale2d L98-103 = avg_pool with ksize = strides = f, D_paper `grow` L303: fromrgb(downscale2d(images_in,
+    2**lod))), the mix and autograd on the N px images."""
+    def D_official(x_full):
+        return D(torch.nn.functional.avg_pool2d(x_full, f) if f > 1 else x_full, alpha)
+    reals_up, fakes_up = _official_upscale(reals, f), _official_upscale(fakes, f)
+    mixed = (reals_up + (fakes_up - reals_up) * mix.reshape(-1, 1, 1, 1)).requires_grad_(True)   # tfutil.lerp
+    scores = D_official(mixed)
+    (grads,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    norms = grads.square().sum(dim=(1, 2, 3)).sqrt()
+    return (norms - 1.0).square().mean(), D_official(reals_up)
+
+
+@pytest.mark.parametrize("res, f, alpha", [(32, 1, 1.0), (16, 2, 1.0), (8, 8, 0.3), (4, 32, 1.0)])
+def test_penalty_at_the_dataset_resolution_equals_the_official_upscaled_construction(res, f, alpha):
+    """Our cheap version (the R px gradient norm divided by f) equals the official penalty computed on the real
+    f-times upscaled images to 1e-6, for f = 1, 2, 8, 32 (a 32 px and a 128 px run); D's scores (and so the
+    drift term) are the same on the upscaled images as on ours."""
+    cfg = ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16, mbstd_group_size=4)
+    torch.manual_seed(res)
+    G, D = Generator(cfg, res).double(), Discriminator(cfg, res).double()
+    reals = torch.rand(8, 3, res, res, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        fakes = G(torch.randn(8, 16, dtype=torch.float64), alpha)
+    mix = torch.rand(8, dtype=torch.float64)
+    official, official_real_scores = _official_penalty(D, reals, fakes, alpha, mix, f)
+    ours = gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=float(f))
+    assert ours.item() == pytest.approx(official.item(), rel=1e-6, abs=1e-9)
+    assert torch.allclose(official_real_scores, D(reals, alpha), rtol=1e-12, atol=1e-12)   # drift unchanged
+    if f > 1:                                   # and it is not the native penalty: the norm really is / f
+        native = gradient_penalty(D, reals, fakes, alpha, mix=mix)
+        assert abs(native.item() - official.item()) > 1e-3 * max(1.0, official.item())
+    # the penalty's own gradient (what trains D) agrees too
+    g_ours = torch.autograd.grad(ours, list(D.parameters()), allow_unused=True)
+    g_off = torch.autograd.grad(_official_penalty(D, reals, fakes, alpha, mix, f)[0], list(D.parameters()),
+                                allow_unused=True)
+    for a, b in zip(g_ours, g_off):
+        if a is not None or b is not None:
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_penalty_resolution_factor_and_d_loss():
+    from progan.train.loss import penalty_resolution_factor
+    assert penalty_resolution_factor("dataset", 128, 4) == 32.0
+    assert penalty_resolution_factor("dataset", 128, 128) == 1.0
+    assert penalty_resolution_factor("native", 128, 4) == 1.0
+    with pytest.raises(ProganError, match="train.gp_resolution"):
+        penalty_resolution_factor("full", 128, 4)
+    # d_loss passes the factor to the penalty: ||grad|| = 0.5 * sqrt(4) = 1 natively, 1 / 4 with f = 4
+    D = SumCritic(0.5)
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    assert d_loss(D, x, x, 1.0)[1]["gp"].item() == pytest.approx(0.0, abs=1e-12)
+    assert d_loss(D, x, x, 1.0, gp_resolution_factor=4.0)[1]["gp"].item() == pytest.approx((0.25 - 1) ** 2)

@@ -29,7 +29,9 @@ def test_stage_params_are_per_resolution():
     keys16 = pipeline.stage(params, "train", 16).params
     assert "train.stages.16" in keys16 and "train.stages.8" not in keys16
     assert not any(k.startswith("evaluate") for k in keys16)
-    assert pipeline.stage(params, "evaluate", 16).params == ["evaluate"]
+    assert {"crop.size", "train.gp_resolution", "train.max_consecutive_skips"} <= set(keys16)   # the penalty's f = size / R
+    # evaluation mirrors the reals when training did (official util_scripts.py evaluate_metrics)
+    assert pipeline.stage(params, "evaluate", 16).params == ["evaluate", "train.mirror_augment"]
 
 
 def _snakemake_graph(ws):

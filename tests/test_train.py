@@ -225,6 +225,7 @@ def test_train_4_then_8(project):
     assert [r.split("\t")[1] for r in rows[1:]] == ["0.056", "0.104"]           # ticks of 0.05 kimg
     tj = json.loads(Path(paths.train_json(4)).read_text())
     assert set(tj["final"]) == {"d_loss", "g_loss", "gp", "d_real", "d_fake"} and tj["seconds"] > 0
+    assert tj["skipped_steps"] == {"skipped_d": 0, "skipped_g": 0}
     assert all(np.isfinite(list(tj["final"].values())))
     grid = np.asarray(Image.open(paths.samples_png(4)))
     assert grid.shape == (16, 16, 3) and grid.dtype == np.uint8                  # 16 images, 4x4 grid of 4 px
@@ -289,12 +290,15 @@ def test_damaged_previous_checkpoint(project):
 def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     """lr 1e30: the first Adam step moves every weight by ~1e30, the next forward overflows."""
     path = make_project(tmp_path, stages={"4": _stage(8, 0, 0.1, lr=1e30), "8": _stage(8, 0.05, 0.05)},
-                        mlflow__tracking_uri=NO_MLFLOW)
+                        mlflow__tracking_uri=NO_MLFLOW, train__max_consecutive_skips=5)
     monkeypatch.chdir(tmp_path)
     with one_thread(), pytest.raises(ProganError) as e:
         loop.run(params_mod.load(path), res=4)
     msg = str(e.value)
-    assert msg.startswith("train 4 px: non-finite loss (") and "at stage kimg 0.056 (stabilize)" in msg
+    # only the first D step is applied (D's weights jump by ~1e30): from its G step on, every gradient is
+    # non-finite and skipped, 7 steps in the first tick
+    assert msg.startswith("train 4 px: non-finite loss or gradients in 7 consecutive steps, all skipped")
+    assert "at stage kimg 0.056 (stabilize)" in msg
     assert "no snapshot yet" in msg and "lower train.stages.4.lr" in msg and "\n" not in msg
     assert not Path(paths.checkpoint(4)).exists()
 

@@ -26,7 +26,8 @@ SOURCES: dict[str, list[str]] = {
     "crop": ["src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py"],
     "pyramid": ["src/progan/data/pyramid.py"],
     "train": _MODEL + ["src/progan/train/loop.py", "src/progan/train/loss.py", "src/progan/train/schedule.py",
-                       "src/progan/train/state.py", "src/progan/train/data.py", "src/progan/train/dist.py"],
+                       "src/progan/train/state.py", "src/progan/train/data.py", "src/progan/train/dist.py",
+                       "src/progan/train/nonfinite.py"],
     "evaluate": _MODEL + ["src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/swd_reference.py",
                           "src/progan/metrics/msssim.py"],
     "report": _MODEL + ["src/progan/report/__init__.py", "src/progan/report/html.py", "src/progan/report/plots.py"],
@@ -37,10 +38,11 @@ DATA_KEYS = ["data.source", "data.url", "data.sha256", "data.md5", "data.folder"
              "data.max_download_mb"]
 CROP_KEYS = ["crop.detector", "crop.size", "crop.min_confidence", "crop.min_face_px", "crop.margin",
              "crop.min_input_px", "crop.min_kept_fraction", "crop.max_image_pixels"]
-TRAIN_KEYS = ["seed", "model", "train.gpus", "train.tick_kimg", "train.loss", "train.gp_weight", "train.drift_weight", "train.betas",
-              "train.adam_eps", "train.reset_opt_each_phase", "train.ema_decay", "train.mirror_augment",
-              "train.deterministic", "train.amp", "train.channels_last"]
-EVAL_KEYS = ["evaluate"]
+TRAIN_KEYS = ["seed", "model", "crop.size", "train.gpus", "train.tick_kimg", "train.loss", "train.gp_weight",
+              "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps", "train.reset_opt_each_phase",
+              "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips", "train.deterministic",
+              "train.amp", "train.channels_last"]
+EVAL_KEYS = ["evaluate", "train.mirror_augment"]   # evaluation mirrors the reals when training did
 REPORT_KEYS = ["seed", "report", "crop.size"]
 
 

@@ -14,6 +14,10 @@ Randomness: data order, flips, latents and gradient-penalty factors are pure fun
 does. train.num_workers: 0 = batches read inline, > 0 = one prefetch thread (memmap gathers are cheap).
 MLflow goes through progan.tracking, guarded: training never fails because of it (tracking attaches
 samples.png / train.json / losses.tsv itself when the stage ends).
+A step whose gradients are not all finite is not applied (official tfutil.py L346-355, Optimizer.apply_updates:
+`tf.cond(grad_ok, apply_gradients, no_op)`), for D and G separately, without a host sync (`step_if_finite`);
+skipped steps are counted per tick (losses.tsv skipped_d / skipped_g, the log line, MLflow) and the stage stops
+with one clear line after train.max_consecutive_skips skipped steps in a row (the official loop never stops).
 Deviations: the schedule is evaluated every minibatch (official: every 4); Adam's reset is done by
 building new optimizers.
 """
@@ -40,11 +44,10 @@ from progan.fileio import atomic_path, sha256_file, write_json, write_text
 from progan.log import log, progress
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals, load_grown
 from progan.train import data, dist, schedule, state
-from progan.train.loss import d_loss, g_loss, gradient_penalty
+from progan.train.loss import d_loss, g_loss, gradient_penalty, penalty_resolution_factor
+from progan.train.nonfinite import SKIP_KEYS, STAT_KEYS, TickStats, step_if_finite
 
-LOSS_COLUMNS = ["total_kimg", "stage_kimg", "phase", "alpha", "d_loss", "g_loss", "gp", "d_real", "d_fake",
-                "img_s", "seconds"]
-STAT_KEYS = ["d_loss", "g_loss", "gp", "d_real", "d_fake"]   # accumulated on the device, synced once per tick
+LOSS_COLUMNS = ["total_kimg", "stage_kimg", "phase", "alpha", *STAT_KEYS, *SKIP_KEYS, "img_s", "seconds"]
 
 
 def run(params, res: int, lease: gpus.Lease | None = None) -> dict:
@@ -136,9 +139,10 @@ def build_networks(params, res: int) -> Nets:
 
 
 def make_optimizer(net: torch.nn.Module, params, res: int) -> torch.optim.Adam:
-    """Adam with the paper's betas (0, 0.99) and eps 1e-8 (§A.1; official G_opt/D_opt)."""
+    """Adam with the paper's betas (0, 0.99) and eps 1e-8 (§A.1; official G_opt/D_opt, config.py L45-46).
+    Fused: one kernel per step, and it honours `found_inf` (see `step_if_finite`)."""
     return torch.optim.Adam(net.parameters(), lr=params.stage(res).lr, betas=tuple(params.train.betas),
-                            eps=params.train.adam_eps)
+                            eps=params.train.adam_eps, fused=True)
 
 
 @torch.no_grad()
@@ -170,11 +174,14 @@ def step_inputs(params, res: int, batch: int, step_nimg: int, x_u8: torch.Tensor
 
 
 def train_step(nets: Nets, opt_G, opt_D, reals: torch.Tensor, z_d: torch.Tensor, z_g: torch.Tensor,
-               mix: torch.Tensor, alpha: float, tp, world: int, autocast=contextlib.nullcontext) -> torch.Tensor:
+               mix: torch.Tensor, alpha: float, tp, world: int, autocast=contextlib.nullcontext,
+               gp_resolution_factor: float = 1.0) -> torch.Tensor:
     """One D step then one G step (official D_repeats=1) and the EMA update. reals, z_d, z_g, mix: this rank's
-    rows of the global minibatch; mix [n] are the gradient-penalty interpolation factors u ~ U(0, 1).
+    rows of the global minibatch; mix [n] are the gradient-penalty interpolation factors u ~ U(0, 1);
+    gp_resolution_factor: loss.penalty_resolution_factor (train.gp_resolution). A step with non-finite
+    gradients is skipped (`step_if_finite`).
 
-    Returns the detached stats [d_loss, g_loss, gp, d_real, d_fake] (no host sync).
+    Returns the detached stats [d_loss, g_loss, gp, d_real, d_fake, d_skipped, g_skipped] (no host sync).
     """
     G, D = nets.G, nets.D
     # D step: fakes from G without graph; WGAN-GP loss with drift (loss.py). The penalty is added here with
@@ -187,13 +194,13 @@ def train_step(nets: Nets, opt_G, opt_D, reals: torch.Tensor, z_d: torch.Tensor,
     with autocast():
         loss_D, parts = d_loss(D, reals, fakes, alpha, tp.loss, 0.0, tp.drift_weight)
         if use_gp:
-            gp = gradient_penalty(D, reals, fakes, alpha, mix=mix)
+            gp = gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=gp_resolution_factor)
             loss_D = loss_D + tp.gp_weight * gp
             parts = {**parts, "gp": gp.detach()}
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     dist.average_gradients(list(D.parameters()), world)
-    opt_D.step()
+    d_skipped = step_if_finite(opt_D)
     # G step with fresh latents; D's weights frozen so no D gradients are computed.
     D.requires_grad_(False)
     with autocast():
@@ -201,11 +208,12 @@ def train_step(nets: Nets, opt_G, opt_D, reals: torch.Tensor, z_d: torch.Tensor,
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     dist.average_gradients(list(G.parameters()), world)
-    opt_G.step()
-    ema_update(nets.G_ema, G, tp.ema_decay)
+    g_skipped = step_if_finite(opt_G)
+    ema_update(nets.G_ema, G, tp.ema_decay)      # also after a skipped G step, as official Gs_update_op
     zero = loss_D.detach().new_zeros(())
     return torch.stack([loss_D.detach().float(), loss_G.detach().float(),
-                        *[parts.get(k, zero).detach().float().mean() for k in ("gp", "d_real", "d_fake")]])
+                        *[parts.get(k, zero).detach().float().mean() for k in ("gp", "d_real", "d_fake")],
+                        d_skipped.to(zero.device), g_skipped.to(zero.device)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,6 +331,7 @@ def train_stage(params, res: int, use_cuda: bool) -> dict:
 
 def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dict:
     sched = schedule.StageSchedule.from_params(params, res)
+    gp_factor = penalty_resolution_factor(tp.gp_resolution, int(params.crop.size), res)
     cuda = device.type == "cuda"
     amp = bool(tp.amp) and cuda                           # bf16 autocast: CUDA only
     channels_last = bool(tp.channels_last) and cuda
@@ -386,16 +395,17 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
 
     with _Tracking(params, res, enabled=env.is_main) as tr:
         tr.log_params({"train.world_size": env.world, "train.device": device.type})  # tracking logs the stage's params
-        log.info("train %d px on %s x%d: %.1f kimg (transition %.1f + stabilize %.1f), batch %d, lr %g, from %s",
+        log.info("train %d px on %s x%d: %.1f kimg (transition %.1f + stabilize %.1f), batch %d, lr %g, "
+                 "penalty norm / %g (train.gp_resolution %s), from %s",
                  res, device.type, env.world, sched.total_nimg / 1000, sched.transition_nimg / 1000,
-                 sched.stabilize_nimg / 1000, sched.batch, sched.lr,
+                 sched.stabilize_nimg / 1000, sched.batch, sched.lr, gp_factor, tp.gp_resolution,
                  paths.checkpoint(res // 2) if nets.prev else "scratch")
 
         # Training loop: one iteration per global minibatch.
         batches = data.Batches(images, sampler, sched.batch, cur_nimg, sched.total_nimg, env.rank, env.world,
                                prefetch=2 if tp.num_workers > 0 else 0, pin_memory=cuda)
-        stats = torch.zeros(len(STAT_KEYS), device=device)
-        tick_steps, tick_start_nimg, tick_start_time = 0, cur_nimg, time.time()
+        stats = TickStats(device)
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
         tick_nimg = max(int(round(tp.tick_kimg * 1000)), 1)
         snapshot_nimg = max(int(round(tp.snapshot_kimg * 1000)), 1)
         next_snapshot = (cur_nimg // snapshot_nimg + 1) * snapshot_nimg
@@ -420,10 +430,9 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
             inputs = step_inputs(params, res, sched.batch, step_nimg, x_u8, flip, alpha, nets.cfg.latent_dim,
                                  device, channels_last, env.rank, env.world)
             try:
-                stats += train_step(nets, opt_G, opt_D, *inputs, alpha, tp, env.world, autocast)
+                stats.add(train_step(nets, opt_G, opt_D, *inputs, alpha, tp, env.world, autocast, gp_factor))
             except torch.cuda.OutOfMemoryError as e:
                 raise _out_of_memory(e, res, sched, step_nimg, phase, resume_path, last_snapshot_kimg) from e
-            tick_steps += 1
             cur_nimg = step_nimg + sched.batch
             if bar is not None:
                 bar.update(sched.batch / 1000)
@@ -432,27 +441,29 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
             done = cur_nimg >= sched.total_nimg
             if cur_nimg - tick_start_nimg < tick_nimg and not done:
                 continue
-            values = dist.all_reduce_mean(stats / tick_steps, env.world).tolist()   # the one host sync per tick
+            values, max_run = stats.read(env.world)                             # the one host sync per tick
             now = time.time()
             row = {"total_kimg": prev_total_kimg + cur_nimg / 1000, "stage_kimg": cur_nimg / 1000, "phase": phase,
-                   "alpha": alpha, **dict(zip(STAT_KEYS, values)),
-                   "img_s": (cur_nimg - tick_start_nimg) / max(now - tick_start_time, 1e-9),
+                   "alpha": alpha, **values, "img_s": (cur_nimg - tick_start_nimg) / max(now - tick_start_time, 1e-9),
                    "seconds": now - stage_start_time}
-            if not all(math.isfinite(v) for v in values):
+            if max_run >= tp.max_consecutive_skips:
                 last = (f"last good snapshot {resume_path} (stage kimg {last_snapshot_kimg:.3f}) kept"
                         if last_snapshot_kimg is not None else "no snapshot yet")
                 raise ProganError(
-                    f"train {res} px: non-finite loss ({', '.join(f'{k}={v:.4g}' for k, v in zip(STAT_KEYS, values))}) "
-                    f"at stage kimg {cur_nimg / 1000:.3f} ({phase}); {last}; lower train.stages.{res}.lr and run "
-                    f"`progan train --res {res}` again")
+                    f"train {res} px: non-finite loss or gradients in {max_run} consecutive steps, all skipped "
+                    f"(train.max_consecutive_skips {tp.max_consecutive_skips}; tick means "
+                    f"{', '.join(f'{k}={values[k]:.4g}' for k in STAT_KEYS)}) at stage kimg {cur_nimg / 1000:.3f} "
+                    f"({phase}); {last}; lower train.stages.{res}.lr and run `progan train --res {res}` again")
             rows.append(row)
+            skipped = values["skipped_d"] + values["skipped_g"]
             log.info("train %dpx kimg %.3f (total %.3f) %s alpha %.3f d_loss %.4f g_loss %.4f gp %.4f "
-                     "d_real %.4f d_fake %.4f %.1f img/s", res, row["stage_kimg"], row["total_kimg"], phase, alpha,
-                     *values, row["img_s"])
-            tr.log_metrics({**{k: row[k] for k in STAT_KEYS}, "alpha": alpha, "img_s": row["img_s"]},
-                           step_kimg=row["total_kimg"])
-            stats.zero_()
-            tick_steps, tick_start_nimg, tick_start_time = 0, cur_nimg, now
+                     "d_real %.4f d_fake %.4f %.1f img/s%s", res, row["stage_kimg"], row["total_kimg"], phase, alpha,
+                     *(values[k] for k in STAT_KEYS), row["img_s"],
+                     f" skipped D {values['skipped_d']} G {values['skipped_g']} (non-finite gradients)" if skipped else "")
+            tr.log_metrics({**{k: row[k] for k in STAT_KEYS + SKIP_KEYS if math.isfinite(row[k])}, "alpha": alpha,
+                            "img_s": row["img_s"]}, step_kimg=row["total_kimg"])
+            stats.next_tick()
+            tick_start_nimg, tick_start_time = cur_nimg, now
             if not done and cur_nimg >= next_snapshot:
                 if _write_snapshot(resume_path, nets, opt_G, opt_D, cur_nimg, rows, now - stage_start_time, key,
                                    params, sampler, env):
@@ -467,6 +478,7 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
         info = {"res_px": res, "kimg": cur_nimg / 1000, "total_kimg": total_kimg, "seconds": seconds,
                 "img_per_s": (cur_nimg - (resumed_kimg or 0) * 1000) / max(seconds - seconds_before, 1e-9),
                 "final": {k: rows[-1][k] for k in STAT_KEYS} if rows else {},
+                "skipped_steps": {k: int(sum(r.get(k, 0) for r in rows)) for k in SKIP_KEYS},
                 "alpha": alpha, "ticks": len(rows), "gpus": env.world, "device": device.type,
                 "resumed_from_kimg": resumed_kimg, "grown_keys": len(nets.grown_keys)}
         if env.is_main:

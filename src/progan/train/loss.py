@@ -1,9 +1,19 @@
 """ProGAN losses: WGAN-GP with the drift term (paper §A.1 / official tkarras `loss.py`) and the LSGAN variant.
 
 - wgan-gp: official `loss.py` `G_wgan_acgan` / `D_wgangp_acgan` without labels: per-sample
-  D loss = D(fake) - D(real) + gp_weight * (||grad D(x_hat)||_2 - 1)^2 + drift_weight * D(real)^2,
-  x_hat = lerp(real, fake, u), u ~ U(0, 1) per sample (wgan_lambda 10, wgan_epsilon 0.001, wgan_target 1);
-  G loss = -D(fake). train.py minimises the mean over the minibatch (`tf.reduce_mean(D_loss)`), as here.
+  D loss = D(fake) - D(real) + gp_weight * (||grad D(x_hat)||_2 / f - 1)^2 + drift_weight * D(real)^2,
+  x_hat = lerp(real, fake, u), u ~ U(0, 1) per sample (wgan_lambda 10, wgan_epsilon 0.001, wgan_target 1;
+  loss.py L43-71); G loss = -D(fake). train.py minimises the mean over the minibatch (`tf.reduce_mean(D_loss)`,
+  train.py L189-190), as here.
+- the penalty's resolution factor f (`train.gp_resolution`, see `penalty_resolution_factor`): the official
+  networks are built at the dataset resolution N. At stage R the reals are nearest-upscaled by f = N / R
+  (train.py L74-79 UpscaleLOD; Theano train.py L227-229), G's output is nearest-upscaled by f (networks.py L221),
+  and D first box-downscales its input by f (networks.py L98-103 downscale2d, L301-308 D_paper `grow`;
+  Theano network.py D_paper `Downscale2DLayer`). D's score is the same as ours on the R px images, but the
+  gradient is taken w.r.t. the upscaled mix (loss.py L63; Theano train.py L337): box_f^T spreads each native
+  gradient value over f^2 pixels with weight 1/f^2, so its norm is ||grad_native|| / f. `dataset` (default)
+  reproduces that by dividing our norm by f, no upscaled images needed; `native` (f = 1) penalises the R px
+  gradient itself, as most re-implementations do.
 - lsgan: the official TF release has no LSGAN; the only official one is the original Theano `train.py`
   `evaluate_loss(type='lsgan')`, which we follow exactly: reals are pushed to 0 and fakes to 1 with
   L2_fake_weight 0.1, D loss = mean(D(real)^2) + 0.1 * mean((D(fake) - 1)^2), G loss = mean(D(fake)^2).
@@ -38,10 +48,27 @@ def _check_kind(kind: str) -> None:
         raise ProganError(f"train.loss must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Tensor | None = None) -> Tensor:
-    """Mean over samples of (||grad_x D(x_hat)||_2 - 1)^2 with x_hat = lerp(reals, fakes, u) (official
-    `D_wgangp_acgan` GradientPenalty). One uniform factor u per sample from the global torch RNG, or `mix`
-    ([N] or [N, 1, 1, 1]) when given. create_graph=True so the penalty itself is trained."""
+GP_RESOLUTIONS = ("dataset", "native")
+
+
+def penalty_resolution_factor(gp_resolution: str, dataset_px: int, res_px: int) -> float:
+    """f for `gradient_penalty`: dataset_px / res_px (`dataset`, official) or 1 (`native`)."""
+    if gp_resolution not in GP_RESOLUTIONS:
+        raise ProganError(f"train.gp_resolution must be one of {', '.join(GP_RESOLUTIONS)}, got {gp_resolution!r}")
+    if gp_resolution == "native":
+        return 1.0
+    if res_px < 1 or dataset_px < res_px or dataset_px % res_px:
+        raise ProganError(f"gradient penalty: dataset resolution {dataset_px} px is not a multiple of the stage's "
+                          f"{res_px} px")
+    return float(dataset_px // res_px)
+
+
+def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Tensor | None = None,
+                     resolution_factor: float = 1.0) -> Tensor:
+    """Mean over samples of (||grad_x D(x_hat)||_2 / f - 1)^2 with x_hat = lerp(reals, fakes, u) (official
+    `D_wgangp_acgan` GradientPenalty, loss.py L57-67) and f = `resolution_factor` (module docstring: the official
+    gradient w.r.t. the f-times upscaled image has norm ||grad|| / f). One uniform factor u per sample from the
+    global torch RNG, or `mix` ([N] or [N, 1, 1, 1]) when given. create_graph=True so the penalty is trained."""
     n = reals.shape[0]
     if fakes.shape != reals.shape:
         raise ProganError(f"gradient penalty: reals {list(reals.shape)} and fakes {list(fakes.shape)} "
@@ -53,14 +80,18 @@ def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Ten
     scores = _fp32(D(x_hat, alpha))                                    # [N]
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     norms = _fp32(grad).square().sum(dim=tuple(range(1, grad.ndim))).sqrt()   # [N]
+    if resolution_factor != 1.0:
+        norms = norms / resolution_factor                              # = the official upscaled-image norm
     return (norms - WGAN_TARGET).square().mean()
 
 
 def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp", gp_weight: float = 10.0,
-           drift_weight: float = 0.001) -> tuple[Tensor, dict[str, Tensor]]:
+           drift_weight: float = 0.001, gp_resolution_factor: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The D loss (scalar) and detached parts: d_real / d_fake (mean scores), gp (unweighted mean penalty),
     drift (unweighted mean D(real)^2). For lsgan, gp and drift are 0; for gp_weight 0 the penalty is skipped
-    and reported as 0. D is called on reals and fakes separately (minibatch stddev groups never mix them)."""
+    and reported as 0. D is called on reals and fakes separately (minibatch stddev groups never mix them).
+    The drift term needs no resolution factor: it is D's score, which the official upscaling leaves unchanged
+    (loss.py L69-71 `tf.square(real_scores_out)`; Theano train.py L341)."""
     _check_kind(kind)
     fakes = fakes.detach()
     real_scores = _fp32(D(reals, alpha))                               # [N]
@@ -68,7 +99,8 @@ def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp"
     zero = real_scores.new_zeros(())
     if kind == "wgan-gp":
         drift = real_scores.square().mean()
-        gp = gradient_penalty(D, reals, fakes, alpha) if gp_weight > 0 else zero
+        gp = (gradient_penalty(D, reals, fakes, alpha, resolution_factor=gp_resolution_factor) if gp_weight > 0
+              else zero)
         loss = fake_scores.mean() - real_scores.mean() + gp_weight * gp + drift_weight * drift
     else:
         drift = gp = zero
