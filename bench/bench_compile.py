@@ -97,7 +97,8 @@ def func_penalty(D, reals, fakes, alpha, mix):
 def make_step(variant: str, nets, opt_G, opt_D, alpha, tp):
     """A function (reals, z_d, z_g, mix) -> stats, for `variant`; mirrors loop.train_step line by line."""
     if variant == "eager":
-        return lambda reals, z_d, z_g, mix: loop.train_step(nets, opt_G, opt_D, reals, z_d, z_g, mix, alpha, tp, 1)
+        return lambda reals, z_d, z_g, mix: loop.train_step(nets, opt_G, opt_D, reals, z_d, z_g, mix, alpha, tp,
+                                                            1)[:len(loop.STAT_KEYS)]   # without the skip flags
     G, D = nets.G, nets.D
     Gc, Dc = (torch.compile(G), torch.compile(D)) if variant in ("compiled", "func_compiled") else (G, D)
 

@@ -162,7 +162,7 @@ def bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_
         else contextlib.nullcontext
     alpha = 0.5 if res > 4 else 1.0
     cuda = device.type == "cuda"
-    stats = torch.zeros(len(loop.STAT_KEYS), device=device)
+    stats = torch.zeros(len(loop.STAT_KEYS) + len(loop.SKIP_KEYS), device=device)
     batches = data.Batches(images, sampler, batch, 0, (steps + 1) * batch, prefetch=2, pin_memory=cuda)
     for i, (nimg, x_u8, flip) in enumerate(batches):
         if i == 1:                                                       # batch 0 = warm-up, not timed
