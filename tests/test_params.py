@@ -100,3 +100,49 @@ def test_evaluate_metrics_are_the_registry_names_and_checked_with_one_line(tmp_p
             "params.yaml: evaluate.metrics must be a list of distinct metric names from swd, msssim, fid, kid, is, "
             "including swd"), bad
     assert _error(tmp_path, evaluate__fid__min_res_px=0) == "params.yaml: evaluate.fid.min_res_px must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.gp_weight", float("nan"), "params.yaml: train.gp_weight must be a finite number, got nan"),
+    ("train.stages.16.stabilize_kimg", float("inf"), "params.yaml: train.stages.16.stabilize_kimg must be a finite "
+                                                      "number, got inf"),
+    ("train.betas", [0.0, float("nan")], "params.yaml: train.betas[1] must be a finite number, got nan"),
+    ("data.max_download_mb", float("inf"), "params.yaml: data.max_download_mb must be a finite number, got inf"),
+])
+def test_nan_and_inf_are_refused_when_params_load(tmp_path, key, value, message):
+    assert _error(tmp_path, **{key.replace(".", "__"): value}) == message
+
+
+def test_nan_written_as_yaml_is_refused(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("gp_weight: 10.0 ", "gp_weight: .nan ")
+    assert "gp_weight: .nan" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.gp_weight must be a finite number, got nan$"):
+        params_mod.load(tmp_path / "params.yaml")
+
+
+def test_batches_checked_against_gpus_and_mbstd_groups_when_params_load(tmp_path):
+    stage = {"batch": 6, "lr": 0.001, "transition_kimg": 600, "stabilize_kimg": 600}
+    # one device: 6 does not split into groups of 4 (official minibatch_stddev_layer reshapes to [4, -1, ...])
+    assert _error(tmp_path, train__gpus=1, train__stages__64=stage) == (
+        "params.yaml: train.stages.64.batch 6 is not divisible into minibatch-stddev groups of "
+        "model.mbstd_group_size 4; use a multiple of 4, or at most 4")
+    assert _error(tmp_path, train__gpus=4, train__stages__64=stage) == (
+        "params.yaml: train.stages.64.batch 6 must be divisible by train.gpus 4 (each GPU trains on an equal "
+        "share of the minibatch)")
+    assert _error(tmp_path, train__gpus=2, train__stages__64={**stage, "batch": 12}) == (
+        "params.yaml: train.stages.64.batch 12 (6 per GPU) is not divisible into minibatch-stddev groups of "
+        "model.mbstd_group_size 4; use a multiple of 4, or at most 4")
+    # fine: a batch below the group is one group (official tf.minimum), group size 1 disables the layer,
+    # and with train.gpus auto the count is known only when the stage starts
+    for ok in ({"train__gpus": 1, "train__stages__64": {**stage, "batch": 3}},
+               {"train__gpus": 0, "train__stages__64": stage, "model__mbstd_group_size": 1},
+               {"train__gpus": "auto", "train__stages__64": stage},
+               {"train__gpus": 2, "train__stages__64": {**stage, "batch": 4}}):
+        params_mod.load(write_params(tmp_path, **ok))
+
+
+def test_fmap_base_too_small_for_the_size_is_refused_when_params_load(tmp_path):
+    assert _error(tmp_path, model__fmap_base=32) == ("params.yaml: model.fmap_base 32 gives 0 feature maps at "
+                                                     "128 px (nf = fmap_base / 2^6); use at least 64")
+    params_mod.load(write_params(tmp_path, model__fmap_base=64))

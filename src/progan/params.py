@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -193,11 +194,58 @@ def validate(data: Any, name: str = DEFAULT_PATH) -> None:
                           f"remove it or raise crop.size")
     if data["train"]["stages"]["4"]["transition_kimg"] != 0:
         raise ParamsError(f"{name}: train.stages.4.transition_kimg must be 0 (nothing to fade in at 4x4)")
+    bad = _first_non_finite(data)
+    if bad is not None:   # YAML's .nan / .inf pass every schema range check (nan < 0 is false)
+        raise ParamsError(f"{name}: {bad[0]} must be a finite number, got {bad[1]}")
+    _check_batches(data, name)
+    fmap_base, top_stage = data["model"]["fmap_base"], int(size).bit_length() - 2   # official nf(stage), stage = log2(R) - 1
+    if fmap_base < 2**top_stage:
+        raise ParamsError(f"{name}: model.fmap_base {fmap_base} gives 0 feature maps at {size} px "
+                          f"(nf = fmap_base / 2^{top_stage}); use at least {2**top_stage}")
     src = data["data"]["source"]
     if src == "url" and not data["data"]["url"]:
         raise ParamsError(f"{name}: data.url must be set when data.source is url")
     if src == "folder" and not data["data"]["folder"]:
         raise ParamsError(f"{name}: data.folder must be set when data.source is folder")
+
+
+def _first_non_finite(node: Any, key: str = "") -> tuple[str, str] | None:
+    """(dotted key, value) of the first NaN or infinite number in the params, or None."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            found = _first_non_finite(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _first_non_finite(v, f"{key}[{i}]")
+            if found:
+                return found
+    elif isinstance(node, float) and not math.isfinite(node):
+        return key, str(node)
+    return None
+
+
+def _check_batches(data: Mapping, name: str) -> None:
+    """Each stage's batch splits evenly over an explicit train.gpus (official train.py: the minibatch is split
+    over the GPUs, tf.split) and each GPU's share into minibatch-stddev groups of
+    min(model.mbstd_group_size, share) (official networks.py minibatch_stddev_layer L129-131 reshapes to
+    [G, -1, ...]). With train.gpus auto the GPU count is known only when the stage starts, where the same
+    checks run (data.Batches, layers.minibatch_stddev)."""
+    gpus, group = data["train"]["gpus"], data["model"]["mbstd_group_size"]
+    world = gpus if isinstance(gpus, int) and gpus > 1 else (None if gpus == "auto" else 1)
+    for res, stage in data["train"]["stages"].items():
+        batch = stage["batch"]
+        if world is None:
+            continue
+        if batch % world:
+            raise ParamsError(f"{name}: train.stages.{res}.batch {batch} must be divisible by train.gpus {gpus} "
+                              f"(each GPU trains on an equal share of the minibatch)")
+        share = batch // world
+        if group > 1 and share % min(group, share):
+            per = f" ({share} per GPU)" if world > 1 else ""
+            raise ParamsError(f"{name}: train.stages.{res}.batch {batch}{per} is not divisible into minibatch-stddev "
+                              f"groups of model.mbstd_group_size {group}; use a multiple of {group}, or at most {group}")
 
 
 def load(path: str | Path = DEFAULT_PATH) -> Params:
