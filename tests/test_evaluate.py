@@ -100,6 +100,40 @@ def test_same_numbers_whatever_the_batch(project, tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
+def test_reals_are_mirrored_like_the_official_metric_script_when_training_was(project, tmp_path):
+    """train.mirror_augment: each real is mirrored with p = 1/2 (official util_scripts.py evaluate_metrics
+    L199-200, misc.apply_mirror_augment: mask = rand(N) < 0.5; minibatch[mask] = minibatch[mask, :, :, ::-1]),
+    seeded, for SWD, the real-vs-real row and MS-SSIM; eval.json says so. The official construction is rebuilt
+    here on the chosen reals and scored with the same SWD call."""
+    from progan.metrics import swd as swd_mod
+    p = params_mod.load(project)
+    assert p.train.mirror_augment is True
+    result = E.evaluate(p, RES)
+    reals = np.load(tmp_path / paths.pyramid_level(RES))
+    n, seed = result["num_images"], p.evaluate.seed
+    perm = np.random.default_rng(seed).permutation(len(reals))
+    chosen = reals[perm].transpose(0, 3, 1, 2).copy()                              # NCHW, as the official code
+    mask = E.mirror_mask(seed, len(reals))[perm]                                   # one coin per real image
+    chosen[mask] = chosen[mask, :, :, ::-1]                                       # the official line, on NCHW
+    chosen = chosen.transpose(0, 2, 3, 1)
+    assert result["reals_mirrored"] is True and result["reals_mirrored_count"] == int(mask[:n].sum())
+    assert result["reals_mirrored_metrics"] == ["swd", "msssim"]
+    assert 0.3 * n < result["reals_mirrored_count"] < 0.7 * n
+    opts = dict(descriptors_per_image=p.evaluate.swd_descriptors_per_image, directions=p.evaluate.swd_directions,
+                repeats=p.evaluate.swd_repeats, seed=seed, batch=p.evaluate.batch, device=torch.device("cpu"),
+                spill_dir=str(tmp_path))
+    half = n // 2
+    assert result["swd_real_vs_real"] == pytest.approx(swd_mod.swd(chosen[:half], chosen[half:2 * half], **opts),
+                                                       rel=1e-6)
+    plain = E.evaluate(params_mod.load(tiny_params(tmp_path, size_px=RES, train__mirror_augment=False)), RES)
+    assert plain["reals_mirrored"] is False and plain["reals_mirrored_count"] == 0
+    assert plain["swd_real_vs_real"] != result["swd_real_vs_real"]                # the mirroring really happened
+    plain_reals = reals[np.random.default_rng(seed).permutation(len(reals))]
+    assert plain["swd_real_vs_real"] == pytest.approx(swd_mod.swd(plain_reals[:half], plain_reals[half:2 * half],
+                                                                  **opts), rel=1e-6)
+    assert plain["swd"] != result["swd"] and plain["msssim_real"] != result["msssim_real"]
+
+
 def test_fakes_are_the_checkpoint_generator_output(project, tmp_path):
     """The images scored are G_ema(latents(seed)) in uint8; MS-SSIM of the pairs is recomputed from them."""
     from progan.metrics import msssim

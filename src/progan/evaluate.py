@@ -6,7 +6,11 @@ Paper §5 / official `metrics/` (tkarras/progressive_growing_of_gans):
   one pass makes every image any metric needs (SWD's, MS-SSIM's pairs, the Inception metrics' first
   `evaluate.fid.num_images`), the Inception features are taken while generating;
 - reals: `evaluate.num_images` images of data/pyramid/<R>.npy for SWD, a seeded random subset (all of them if
-  fewer exist; the count used is recorded and the same number of fakes is compared);
+  fewer exist; the count used is recorded and the same number of fakes is compared); when the run trained with
+  `train.mirror_augment`, each real is mirrored with probability 1/2 (seeded by `evaluate.seed`) for SWD and
+  MS-SSIM, as the official util_scripts.py evaluate_metrics L199-200 does (`misc.apply_mirror_augment`:
+  mask = rand(N) < 0.5); eval.json says so (`reals_mirrored`, `reals_mirrored_count`, `reals_mirrored_metrics`).
+  The Inception metrics' reals (the fid-stats file) are not mirrored (the official code mirrors them too);
 - `swd`: SWD x1e3 per pyramid level and the average, reals vs fakes (metrics/swd.py);
 - `swd_real_vs_real`: the same between two disjoint halves of those reals: the noise floor (its sets are
   half as big, so it sits a little above what a perfect generator would get against the full set);
@@ -42,6 +46,31 @@ from progan.metrics import swd as swd_mod
 from progan.metrics.registry import METRICS, EvalContext
 
 _RAM_IMAGE_BYTES = 2 << 30      # generated images above this go to an unlinked temp file beside eval.json
+MIRRORED_METRICS = ("swd", "msssim")   # the metrics whose reals are mirrored under train.mirror_augment
+
+
+def mirror_mask(seed: int, count: int) -> np.ndarray:
+    """Which of the level's `count` reals are mirrored: independent coin flips, p = 1/2 (official
+    misc.apply_mirror_augment `np.random.rand(N) < 0.5`), from a stream of their own seeded by `seed`."""
+    return np.random.default_rng([int(seed), 1]).random(count) < 0.5
+
+
+class _Mirrored:
+    """The reals [N, H, W, C] with the rows whose `flip` is True mirrored left-right when read (as official
+    apply_mirror_augment's minibatch[mask, :, :, ::-1] on NCHW); indexable like the memmap (metrics.Rows)."""
+
+    def __init__(self, array, flip: np.ndarray):
+        self.array, self.flip, self.shape, self.dtype = array, flip, array.shape, array.dtype
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        index = np.arange(len(self.array))[index]
+        rows = np.array(self.array[index])
+        f = self.flip[index]
+        rows[f] = rows[f, :, ::-1]
+        return rows
 
 
 def _open_reals(res: int) -> np.ndarray:
@@ -227,15 +256,20 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
                                   sink_count=n_inception)
     del G, net
 
-    ctx = EvalContext(res=res, ev=ev, device=device, reals=reals,
-                      perm=np.random.default_rng(seed).permutation(len(reals)),     # random reals, fixed by seed
+    mirrored = bool(params.train.mirror_augment) and any(m in selected for m in MIRRORED_METRICS)
+    flip = mirror_mask(seed, len(reals)) if mirrored else None
+    perm = np.random.default_rng(seed).permutation(len(reals))                       # random reals, fixed by seed
+    ctx = EvalContext(res=res, ev=ev, device=device, reals=_Mirrored(reals, flip) if mirrored else reals, perm=perm,
                       n=n, fakes=fakes, msssim_fake=msssim_fake, spill_dir=paths.stage_dir(res), inception=settings,
                       fake_features=fake_features, real_stats=real_stats)
     values = {name: METRICS[name].fn(ctx) for name in selected if not METRICS[name].inception or name in wanted}
     ctx.fakes = fakes = None
 
     result = {"res_px": res, "num_images": n, "num_images_requested": int(ev.num_images),
-              "num_reals_available": int(len(reals)), "metrics": selected, "notes": notes}
+              "num_reals_available": int(len(reals)), "metrics": selected, "notes": notes,
+              "reals_mirrored": mirrored,           # train.mirror_augment: a seeded random half mirrored (official)
+              "reals_mirrored_count": int(flip[perm[:n]].sum()) if mirrored else 0,
+              "reals_mirrored_metrics": [m for m in MIRRORED_METRICS if m in selected] if mirrored else []}
     if "swd" in values:
         result["swd"] = {k: v for k, v in values["swd"].items() if not k.startswith("swd_real_vs_real_")}
         result["swd_real_vs_real"] = {f"swd_{k[len('swd_real_vs_real_'):]}": v for k, v in values["swd"].items()
