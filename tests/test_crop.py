@@ -282,6 +282,19 @@ def test_celeba_box_and_center_detectors(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "c" / rows[0]["out"])), want)
 
 
+def test_celeba_box_at_128_px_is_the_official_crop_bit_for_bit(tmp_path):
+    """The Table 1 preset's crop: official dataset_tool.py / h5tool.py create_celeba, cx=89, cy=121,
+    img[cy - 64 : cy + 64, cx - 64 : cx + 64] of the 178x218 aligned image, no resampling at 128 px."""
+    params = _project(tmp_path, CELEBA[:3], size_px=128, crop__detector="celeba-box")
+    faces.run(params)
+    for f, row in zip(CELEBA[:3], _manifest(tmp_path)):
+        img = np.asarray(Image.open(f).convert("RGB"))
+        assert img.shape == (218, 178, 3)
+        cx, cy = 89, 121
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / row["out"])),
+                                      img[cy - 64: cy + 64, cx - 64: cx + 64])
+
+
 # ---------------------------------------------------------------- which face, and the alignment math
 
 def _f(score, side, x=0.0):

@@ -104,3 +104,16 @@ def test_layers_under_channels_last_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = minibatch_stddev(pixel_norm(up(x)), 2)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 16, 16) and torch.isfinite(y.float()).all()
+
+
+def test_minibatch_stddev_over_the_whole_minibatch_is_the_theano_all_layer():
+    """model.mbstd_group_size = the batch (the Table 1 preset: 16) is the Theano code's minibatch stat layer with
+    mbstat_func Tstdeps, mbstat_avg 'all' (config.py@2609d1f L81-82; network.py MinibatchStatConcatLayer): Tstdeps
+    over axis 0 = sqrt(mean((x - mean(x, 0))^2, 0) + 1e-8), then Tmean of everything, tiled to [N, 1, H, W]."""
+    torch.manual_seed(3)
+    x = torch.randn(16, 8, 4, 4, dtype=torch.float64) * 2 + 1
+    vals = torch.sqrt(((x - x.mean(dim=0, keepdim=True)) ** 2).mean(dim=0, keepdim=True) + 1e-8)   # Tstdeps
+    vals = vals.mean().reshape(1, 1, 1, 1).expand(16, 1, 4, 4)                                   # 'all', tile
+    theano = torch.cat([x, vals], dim=1)
+    assert torch.allclose(minibatch_stddev(x, 16), theano, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(minibatch_stddev(x, 4), theano)              # groups of 4 are another statistic

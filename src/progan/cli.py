@@ -28,6 +28,7 @@ TOOLS = {
 }
 # Commands that do not read params.yaml: name -> (module, function taking argv, help).
 STANDALONE = {
+    "init": ("progan.presets", "main", "write params.yaml from an official preset (workflow/presets/; --list)"),
     "demo": ("progan.demo", "main", "run the whole DAG to 32 px with tiny nets on a folder of images (CPU, minutes)"),
     "generate": ("progan.generate", "generate_main", "PNG samples from a checkpoint's G_ema"),
     "interpolate": ("progan.generate", "interpolate_main", "a GIF walking the latent sphere between seeds"),

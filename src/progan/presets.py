@@ -1,0 +1,147 @@
+"""`progan init --preset NAME [--folder DIR | --url URL]`: write params.yaml from an official configuration.
+
+The presets are complete params files in workflow/presets/<name>.yaml, every value commented with the official file
+and line it comes from: the TF release's `config.py` presets (v1-1gpu, v2-1gpu, v2-2gpus, v2-4gpus, v2-8gpus) for
+CelebA 128 and for CelebA-HQ 1024, and the paper's Table 1 CelebA 128 config (Theano code). `--list` shows them.
+
+The file is copied as it is (comments kept); `--folder` / `--url` only change the data lines. An existing params.yaml
+with other contents is kept unless `--force`. dvc.yaml follows params.yaml (its stages list the resolutions 4 ..
+crop.size), so in a project folder (one with a dvc.yaml or the Snakefile) it is regenerated when it differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from progan import params as params_mod
+from progan.errors import ProganError
+from progan.fileio import write_text
+
+HQ_PLACEHOLDER = "celebahq-1024"    # the data.folder the CelebA-HQ presets ship with (images cannot be downloaded)
+
+
+def presets_dir() -> Path:
+    from progan.pipeline import repo_root
+
+    return repo_root() / "workflow" / "presets"
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def description(name: str) -> str:
+    """The preset's one-line description: its first line, `# preset NAME: ...`."""
+    first = preset_path(name).read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.split(": ", 1)[1] if first.startswith(f"# preset {name}: ") else ""
+
+
+def preset_path(name: str) -> Path:
+    path = presets_dir() / f"{name}.yaml"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or not path.is_file():
+        raise ProganError(f"--preset {name}: no such preset; `progan init --list` shows them "
+                          f"({', '.join(names())})")
+    return path
+
+
+def _set_data_line(text: str, key: str, value) -> str:
+    """Replace the value of `  key:` in the data section, keeping its comment."""
+    start = text.index("\ndata:\n") + len("\ndata:\n")
+    end = re.search(r"(?m)^\S", text[start:])
+    end = start + (end.start() if end else len(text) - start)
+    plain = value is None or (re.fullmatch(r"[A-Za-z0-9_./~+-][A-Za-z0-9_./~+:=-]*", value) is not None
+                              and yaml.safe_load(value) == value)
+    written = "null" if value is None else (value if plain else json.dumps(value))
+    section, n = re.subn(rf"(?m)^(  {key}:) [^#\n]*?(\s+#|$)", lambda m: f"{m.group(1)} {written}{m.group(2)}",
+                         text[start:end], count=1)
+    if n != 1:
+        raise ProganError(f"preset: data.{key} line not found")
+    return text[:start] + section + text[end:]
+
+
+def render(name: str, folder: str | None = None, url: str | None = None, out_dir: Path | None = None) -> str:
+    """The params.yaml text of preset `name` with the data source changed, validated."""
+    text = preset_path(name).read_text(encoding="utf-8")
+    data = yaml.safe_load(text)["data"]
+    out_dir = Path(out_dir or Path.cwd()).absolute()
+    if folder is not None:
+        where = Path(folder).expanduser()
+        if not where.absolute().is_dir():
+            raise ProganError(f"--folder {folder}: no such folder of images")
+        value = str(where) if where.is_absolute() else os.path.relpath(where.absolute(), out_dir)
+        text = _set_data_line(_set_data_line(text, "source", "folder"), "folder", value)
+    elif url is not None:
+        if not re.match(r"^(https?|file)://", url):
+            raise ProganError(f"--url {url}: must be an http://, https:// or file:// URL of an archive (zip, tar.*)")
+        if data["source"] != "celeba":            # CelebA presets keep the official zip's md5 check: url = a mirror
+            text = _set_data_line(_set_data_line(text, "source", "url"), "folder", None)
+        text = _set_data_line(text, "url", url)
+    elif data["source"] == "folder" and data["folder"] == HQ_PLACEHOLDER and not (out_dir / HQ_PLACEHOLDER).is_dir():
+        raise ProganError(f"--preset {name} trains on CelebA-HQ, which cannot be downloaded automatically: pass "
+                          f"--folder DIR (the 30,000 1024x1024 images of the official dataset_tool.py "
+                          f"create_celebahq) or --url URL (an archive of them)")
+    params_mod.validate(yaml.safe_load(text), f"preset {name}")
+    return text
+
+
+def write(name: str, target: Path, folder: str | None = None, url: str | None = None, force: bool = False) -> list[str]:
+    """Write `target` (params.yaml) from the preset, and dvc.yaml beside it in a project folder; returns what was
+    written."""
+    target = Path(target).absolute()
+    text = render(name, folder, url, target.parent)
+    written = []
+    if target.exists() and target.read_text(encoding="utf-8") != text:
+        if not force:
+            raise ProganError(f"{target}: exists with other settings; pass --force to replace it with preset {name} "
+                              f"(or --params OTHER.yaml)")
+    if not target.exists() or target.read_text(encoding="utf-8") != text:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text(target, text)
+        written.append(str(target))
+    dvc = target.parent / "dvc.yaml"
+    if target.name == "params.yaml" and (dvc.exists() or (target.parent / "Snakefile").exists()):
+        from progan import pipeline
+
+        new = pipeline.dvc_yaml(params_mod.load(target))      # the stages follow crop.size
+        if not dvc.exists() or dvc.read_text(encoding="utf-8") != new:
+            write_text(dvc, new)
+            written.append(str(dvc))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="progan init", description=__doc__.split("\n")[0].split(": ", 1)[1],
+        epilog="Presets live in workflow/presets/; each is a complete params file whose comments cite the official "
+               "code. Example: progan init --preset celeba128-v2-8gpus")
+    parser.add_argument("--preset", metavar="NAME", help="the preset to write (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the presets, one line each")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--folder", metavar="DIR", help="train on the images in DIR (data.source folder)")
+    source.add_argument("--url", metavar="URL", help="download the images from URL (an archive; for the CelebA "
+                                                     "presets a mirror of img_align_celeba.zip, md5 still checked)")
+    parser.add_argument("--params", default="params.yaml", metavar="PATH", help="file to write (default: ./params.yaml)")
+    parser.add_argument("--force", action="store_true", help="replace an existing params file with other settings")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name in names():
+            print(f"{name:<26} {description(name)}")
+        return 0
+    if not args.preset:
+        parser.error("give --preset NAME (or --list)")
+    try:
+        written = write(args.preset, Path(args.params), args.folder, args.url, args.force)
+    except ProganError as e:
+        print(f"progan init: error: {e}", file=sys.stderr)
+        return 1
+    if written:
+        print(f"progan init: preset {args.preset}: wrote {', '.join(written)}", file=sys.stderr)
+    else:
+        print(f"progan init: {args.params} is already preset {args.preset}; nothing to write", file=sys.stderr)
+    return 0
