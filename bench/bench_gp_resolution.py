@@ -3,12 +3,13 @@ resolution (official: the norm of the gradient w.r.t. the f-times upscaled image
 the stage's own resolution (`native`, f = 1), everything else equal: same data, nets, seeds and kimg.
 
 Data: ../shared/data/celeba-aligned-2k (2,010 real CelebA faces), cropped with the official fixed CelebA box
-(`celeba-box`) and the pyramid stage, once. Nets: the demo's (latent 64, fmap_base 256, fmap_max 64), batch 16,
-`--kimg` per phase (stage 4: stabilise only). Each run goes through the real CLI (`progan train`, `progan evaluate`)
+(`celeba-box`) and the pyramid stage, once. Nets: `--nets tiny` (the tests' latent 16, fmap_base 64, fmap_max 16:
+what a shared 2-core CPU trains in minutes) or `demo` (latent 64, fmap_base 256, fmap_max 64, ~15x the work),
+batch 16, `--kimg` per phase (stage 4: stabilise only), the demo's other settings (G_ema decay 0.99). Each run goes through the real CLI (`progan train`, `progan evaluate`)
 in its own project folder under bench/out/gp_resolution/. SWD (x1e3) on all 2,010 reals vs as many fakes,
 evaluated after every stage; at 32 px the average of the 32 and 16 px levels.
 
-    .venv/bin/python bench/bench_gp_resolution.py [--kimg 4] [--seeds 0 1] [--threads 2]
+    .venv/bin/python bench/bench_gp_resolution.py [--kimg 4] [--seeds 0 1] [--nets tiny] [--threads 2]
 
 Writes bench/out/gp_resolution/results.json and prints a table. CPU, tens of minutes: run it by hand.
 """
@@ -31,11 +32,13 @@ OUT = REPO / "bench" / "out" / "gp_resolution"
 CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
 PROGAN = str(Path(sys.executable).with_name("progan"))
 RES = [4, 8, 16, 32]
+NETS = {"tiny": dict(latent_dim=16, fmap_base=64, fmap_max=16), "demo": dict(latent_dim=64, fmap_base=256, fmap_max=64)}
 
 
-def params_for(seed: int, gp_resolution: str, kimg: float) -> dict:
+def params_for(seed: int, gp_resolution: str, kimg: float, nets: str = "tiny") -> dict:
     p = yaml.safe_load((REPO / "workflow" / "params.demo.yaml").read_text())
     p["seed"] = seed
+    p["model"].update(NETS[nets])
     p["data"].update(source="folder", folder=str(CELEBA), max_images=None)
     p["crop"].update(detector="celeba-box", size=32)
     p["train"].update(gpus=0, gp_resolution=gp_resolution, tick_kimg=1, snapshot_kimg=1000, num_workers=0)
@@ -64,12 +67,12 @@ def prepare_data(env: dict, kimg: float) -> Path:
     return root / "data"
 
 
-def run_one(seed: int, gp_resolution: str, kimg: float, data_dir: Path, env: dict) -> dict:
+def run_one(seed: int, gp_resolution: str, kimg: float, nets: str, data_dir: Path, env: dict) -> dict:
     root = OUT / f"{gp_resolution}-seed{seed}"
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params_for(seed, gp_resolution, kimg), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params_for(seed, gp_resolution, kimg, nets), sort_keys=False))
     (root / "data").symlink_to(data_dir)
     out = {"seed": seed, "gp_resolution": gp_resolution, "swd": {}, "swd_real_vs_real": {}, "gp": {}, "seconds": {}}
     for r in RES:
@@ -94,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kimg", type=float, default=4.0, help="kimg per phase (fade-in and stabilise)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--nets", choices=sorted(NETS), default="tiny")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -104,17 +108,18 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for gp_resolution in ("dataset", "native"):            # interleaved: both see the same machine load
-            runs.append(run_one(seed, gp_resolution, args.kimg, data_dir, env))
+            runs.append(run_one(seed, gp_resolution, args.kimg, args.nets, data_dir, env))
     summary = {}
     for v in ("dataset", "native"):
         summary[v] = {r: statistics.mean(run["swd"][r]["swd_avg"] for run in runs if run["gp_resolution"] == v)
                       for r in RES}
-    print(f"\nSWD x1e3 (avg over levels), mean of seeds {args.seeds}, {args.kimg:g} kimg per phase:")
+    print(f"\nSWD x1e3 (avg over levels), mean of seeds {args.seeds}, {args.nets} nets, {args.kimg:g} kimg per phase:")
     print("stage  " + "  ".join(f"{v:>9s}" for v in summary) + "  real-vs-real")
     for r in RES:
         floor = statistics.mean(run["swd_real_vs_real"][r] for run in runs)
         print(f"{r:3d} px " + "  ".join(f"{summary[v][r]:9.2f}" for v in summary) + f"  {floor:11.2f}")
-    result = {"kimg_per_phase": args.kimg, "seeds": args.seeds, "threads": args.threads, "images": 2010,
+    result = {"kimg_per_phase": args.kimg, "seeds": args.seeds, "nets": args.nets, "threads": args.threads,
+              "images": 2010,
               "runs": runs, "mean_swd_avg": summary, "seconds": time.time() - t0}
     (OUT / "results.json").write_text(json.dumps(result, indent=2))
     print(f"({time.time() - t0:.0f} s) -> {OUT / 'results.json'}")

@@ -161,6 +161,9 @@ def test_every_value_of_every_preset_names_its_source():
 
 
 def test_init_list_and_help(capsys):
+    from progan import cli
+    assert cli.main(["init", "--list"]) == 0                       # `progan init` needs no params.yaml
+    assert capsys.readouterr().out.splitlines()[0].startswith("celeba128-v1-1gpu ")
     assert presets.main(["--list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == presets.names() and len(out) == 11

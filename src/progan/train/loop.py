@@ -237,6 +237,7 @@ def losses_tsv_text(rows: list[dict]) -> str:
     out = io.StringIO()
     out.write("\t".join(LOSS_COLUMNS) + "\n")
     for r in rows:
+        r = {**dict.fromkeys(SKIP_KEYS, 0), **r}        # rows of a snapshot written before the skip counts existed
         out.write("\t".join(r[k] if isinstance(r[k], str) else f"{r[k]:.6g}" for k in LOSS_COLUMNS) + "\n")
     return out.getvalue()
 
