@@ -35,11 +35,8 @@ def test_stage_params_are_per_resolution():
 
 
 def _snakemake_graph(ws):
-    # One visible device (CUDA_VISIBLE_DEVICES, no CUDA needed): the default params are the v2-1gpu preset,
-    # train.gpus 1, which the Snakefile checks against the visible devices when it loads.
-    env = {**tool_env(), "CUDA_VISIBLE_DEVICES": "0"}
     dot = subprocess.run(["snakemake", "--dag", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")],
-                         cwd=ws, env=env, capture_output=True, text=True, check=True).stdout
+                         cwd=ws, env=tool_env(), capture_output=True, text=True, check=True).stdout
     rule, res = {}, {}
     for node, label in re.findall(r'^\s*(\d+)\[label = "([^"]*)"', dot, re.M):
         parts = label.split("\\n")
