@@ -41,7 +41,7 @@ def params_for(seed: int, gp_resolution: str, kimg: float, nets: str = "tiny") -
     p["model"].update(NETS[nets])
     p["data"].update(source="folder", folder=str(CELEBA), max_images=None)
     p["crop"].update(detector="celeba-box", size=32)
-    p["train"].update(gpus=0, gp_resolution=gp_resolution, tick_kimg=1, snapshot_kimg=1000, num_workers=0)
+    p["train"].update(gpus=0, gp_resolution=gp_resolution, tick_kimg=1, snapshot_kimg=1000, prefetch=0)
     p["train"]["stages"] = {str(r): {"batch": 16, "lr": 0.001, "transition_kimg": 0 if r == 4 else kimg,
                                      "stabilize_kimg": kimg} for r in RES}
     p["evaluate"].update(num_images=2010, msssim_pairs=0)

@@ -52,7 +52,7 @@ def make_root(root: Path, n_images: int, kimg: float, snapshot_kimg: float, tick
         shutil.rmtree(root)
     params_path = bench_train.make_root(root, 8, n_images, bench_train.CONFIGS["tiny"], batch=8)
     p = yaml.safe_load(params_path.read_text())
-    p["train"].update(gpus=0, num_workers=0, deterministic=True, snapshot_kimg=snapshot_kimg, tick_kimg=tick_kimg,
+    p["train"].update(gpus=0, prefetch=0, deterministic=True, snapshot_kimg=snapshot_kimg, tick_kimg=tick_kimg,
                       stages={"4": {"batch": 8, "lr": 0.001, "transition_kimg": 0, "stabilize_kimg": 0.1},
                               "8": {"batch": 8, "lr": 0.001, "transition_kimg": kimg / 2, "stabilize_kimg": kimg / 2}})
     p["mlflow"]["tracking_uri"] = NO_MLFLOW

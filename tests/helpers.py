@@ -50,7 +50,7 @@ def tiny_params(folder: Path, size_px: int = 16, images: Path | None = None, **o
     data["model"].update(latent_dim=16, fmap_base=64, fmap_max=16)
     data["train"]["snapshot_kimg"] = 0.1
     data["train"]["tick_kimg"] = 0.1
-    data["train"]["num_workers"] = 0
+    data["train"]["prefetch"] = 0
     data["train"]["stages"] = {
         str(r): {"batch": 8, "lr": 0.001, "transition_kimg": 0 if r == 4 else 0.1, "stabilize_kimg": 0.1}
         for r in [2**k for k in range(2, size_px.bit_length())]

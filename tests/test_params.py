@@ -146,3 +146,13 @@ def test_fmap_base_too_small_for_the_size_is_refused_when_params_load(tmp_path):
     assert _error(tmp_path, model__fmap_base=32) == ("params.yaml: model.fmap_base 32 gives 0 feature maps at "
                                                      "128 px (nf = fmap_base / 2^6); use at least 64")
     params_mod.load(write_params(tmp_path, model__fmap_base=64))
+
+
+def test_renamed_key_says_what_to_do(tmp_path):
+    data = default_params()
+    data["train"]["num_workers"] = data["train"].pop("prefetch")
+    write_params(tmp_path, data)
+    with pytest.raises(ParamsError) as info:
+        params_mod.load(tmp_path / "params.yaml")
+    assert str(info.value).startswith("params.yaml: train.num_workers is now train.prefetch (minibatches one background "
+                                      "thread reads ahead") and str(info.value).endswith("rename the key")

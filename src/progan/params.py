@@ -171,10 +171,26 @@ def _format_error(name: str, error: jsonschema.ValidationError, root_schema: dic
     return f"{name}: {key} {msg}" + (f", got {got}" if got is not None else "")
 
 
+# Keys that were renamed: old dotted key -> (new key, what it holds). An old params.yaml gets one line saying so.
+RENAMED = {
+    "train.num_workers": ("train.prefetch", "minibatches one background thread reads ahead of the step, 0 = none; "
+                                            "there never were worker processes"),
+}
+
+
+def _renamed_key(data: Mapping, name: str) -> None:
+    for old, (new, what) in RENAMED.items():
+        section, key = old.rsplit(".", 1)
+        node = data.get(section) if isinstance(data, Mapping) else None
+        if isinstance(node, Mapping) and key in node:
+            raise ParamsError(f"{name}: {old} is now {new} ({what}): rename the key")
+
+
 def validate(data: Any, name: str = DEFAULT_PATH) -> None:
     """Raise ParamsError with one line naming the first wrong key; return None when `data` is valid."""
     if not isinstance(data, Mapping):
         raise ParamsError(f"{name}: must be a YAML mapping of sections (seed, data, crop, ...), got {type(data).__name__}")
+    _renamed_key(data, name)
     root_schema = schema()
     validator = jsonschema.Draft202012Validator(root_schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))

@@ -11,7 +11,7 @@ results/<R>/.resume/snapshot.pt every train.snapshot_kimg, deleted when the stag
 
 Randomness: data order, flips, latents and gradient-penalty factors are pure functions of (seed, R, cur_nimg)
 (data.py, `latents`, `gp_mix`), so a resumed or multi-GPU run draws exactly what a single uninterrupted one
-does. train.num_workers: 0 = batches read inline, > 0 = one prefetch thread (memmap gathers are cheap).
+does. train.prefetch: minibatches one background thread reads ahead (0 = inline; memmap gathers are cheap).
 MLflow goes through progan.tracking, guarded: training never fails because of it (tracking attaches
 samples.png / train.json / losses.tsv itself when the stage ends).
 A step whose gradients are not all finite is not applied (official tfutil.py L346-355, Optimizer.apply_updates:
@@ -404,7 +404,7 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
 
         # Training loop: one iteration per global minibatch.
         batches = data.Batches(images, sampler, sched.batch, cur_nimg, sched.total_nimg, env.rank, env.world,
-                               prefetch=2 if tp.num_workers > 0 else 0, pin_memory=cuda)
+                               prefetch=int(tp.prefetch), pin_memory=cuda)
         stats = TickStats(device)
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         tick_nimg = max(int(round(tp.tick_kimg * 1000)), 1)
