@@ -15,7 +15,8 @@ from progan import cli, paths
 from progan import evaluate as E
 from progan import params as params_mod
 from progan.metrics import inception
-from progan.model.networks import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Generator, ModelConfig
+from progan.checkpoint import CHECKPOINT, VERSION
+from progan.model.networks import Generator, ModelConfig
 
 RES = 16
 
@@ -40,7 +41,7 @@ def write_checkpoint(root, res: int = RES, total_kimg: float = 1.5) -> Generator
     G = Generator(cfg, res)
     path = root / paths.checkpoint(res)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "res_px": res,
+    torch.save({"format": CHECKPOINT, "version": VERSION, "res_px": res,
                 "model": dataclasses.asdict(cfg), "G_ema": G.state_dict(), "total_kimg": total_kimg}, path)
     return G.eval()
 

@@ -27,7 +27,7 @@ from helpers import CELEBA_DIR, tiny_params, write_params
 from progan import cli, paths
 from progan.data import mtcnn, pyramid
 from progan.model import networks
-from progan.train import state
+from progan import checkpoint
 from test_evaluate import write_checkpoint, write_reals
 from test_pyramid import _faces
 from test_train import NO_MLFLOW, _stage, make_project, one_thread
@@ -116,7 +116,7 @@ def _trained_stage_4(root: Path, monkeypatch, capsys) -> tuple[Path, Path, bytes
 def test_disk_full_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     params, ckpt, before = _trained_stage_4(tmp_path, monkeypatch, capsys)
 
-    filling = _disk_fills_on(monkeypatch, state, "checkpoint.pt", room=5000)
+    filling = _disk_fills_on(monkeypatch, checkpoint, "checkpoint.pt", room=5000)
     rc, line = _cli(capsys, "train", "--res", "4", "--params", str(params))
     assert rc == 1 and len(filling) == 1 and filling[0].written == 5000      # a partial temp file was written
     m = re.fullmatch("progan train: error: " + DISK_FULL, line)
@@ -125,7 +125,7 @@ def test_disk_full_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeyp
     assert int(m["mb"]) == pytest.approx(shutil.disk_usage(tmp_path).free / 1e6, abs=50)
     assert os.path.ismount(m["mount"]) and str(tmp_path).startswith(m["mount"])
     assert ckpt.read_bytes() == before and _temps(ckpt.parent) == []
-    assert state.load_checkpoint(ckpt, 4)["cur_nimg"] == 104
+    assert checkpoint.load_stage(ckpt, 4)["cur_nimg"] == 104
 
 
 def test_disk_full_writing_a_snapshot_keeps_the_previous_one_and_resumes_from_it(tmp_path, monkeypatch, capsys):
@@ -133,29 +133,29 @@ def test_disk_full_writing_a_snapshot_keeps_the_previous_one_and_resumes_from_it
     same command, run again, resumes from it."""
     params = make_project(tmp_path, stages=STAGES_SNAPSHOTS, mlflow__tracking_uri=NO_MLFLOW, train__snapshot_kimg=0.05)
     monkeypatch.chdir(tmp_path)
-    snap = tmp_path / paths.resume_dir(4) / state.SNAPSHOT_NAME
+    snap = tmp_path / paths.resume_dir(4) / checkpoint.SNAPSHOT_NAME
     first: list[bytes] = []
-    real_save = state.save
+    real_save = checkpoint.save
 
     def save(path, obj):                     # record the first snapshot's bytes as they were on disk
-        if Path(path).name == state.SNAPSHOT_NAME and Path(path).is_file() and not first:
+        if Path(path).name == checkpoint.SNAPSHOT_NAME and Path(path).is_file() and not first:
             first.append(Path(path).read_bytes())
         real_save(path, obj)
 
-    monkeypatch.setattr(state, "save", save)
-    filling = _disk_fills_on(monkeypatch, state, state.SNAPSHOT_NAME, room=3000, skip=1)
+    monkeypatch.setattr(checkpoint, "save", save)
+    filling = _disk_fills_on(monkeypatch, checkpoint, checkpoint.SNAPSHOT_NAME, room=3000, skip=1)
     rc, line = _cli(capsys, "train", "--res", "4", "--params", str(params))
     assert rc == 1 and filling and filling[0].written == 3000, line
     m = re.fullmatch("progan train: error: " + DISK_FULL, line)
     assert m and m["path"] == "results/4/.resume/snapshot.pt" and m["name"] == "snapshot.pt", line
     assert first and snap.read_bytes() == first[0] and _temps(snap.parent) == []
-    assert state.load_snapshot(snap)["cur_nimg"] == 56
+    assert checkpoint.load_snapshot(snap)["cur_nimg"] == 56
     assert not (tmp_path / paths.checkpoint(4)).exists()
 
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert _cli(capsys, "train", "--res", "4", "--params", str(params))[0] == 0
-    info = state.load_checkpoint(tmp_path / paths.checkpoint(4), 4)
+    info = checkpoint.load_stage(tmp_path / paths.checkpoint(4), 4)
     assert info["cur_nimg"] == 200
     assert json.loads((tmp_path / paths.train_json(4)).read_text())["resumed_from_kimg"] == 0.056
 

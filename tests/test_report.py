@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from progan import params as params_mod
-from progan import paths, tracking
+from progan import checkpoint, paths, tracking
 from progan.errors import ProganError
 from progan.report import html, plots
 import progan.report as report
@@ -105,7 +105,7 @@ def write_checkpoint(root: Path) -> None:
     cfg = networks.ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16)
     torch.manual_seed(0)
     G = networks.Generator(cfg, RES[-1])
-    torch.save({"format": networks.GENERATOR_FORMAT, "version": networks.CHECKPOINT_VERSION, "res_px": RES[-1],
+    torch.save({"format": checkpoint.GENERATOR, "version": checkpoint.VERSION, "res_px": RES[-1],
                 "model": dataclasses.asdict(cfg), "G_ema": G.state_dict(), "alpha": 1.0},
                root / paths.checkpoint(RES[-1]))
 

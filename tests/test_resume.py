@@ -111,7 +111,7 @@ def test_damaged_snapshot_is_an_error(tmp_path, monkeypatch):
     snap = Path(paths.resume_dir(4)) / "snapshot.pt"
     snap.parent.mkdir(parents=True)
     snap.write_bytes(b"\x80\x02 truncated")
-    with pytest.raises(ProganError, match=r"results/4/.resume/snapshot.pt: truncated or not a progan snapshot .*"
+    with pytest.raises(ProganError, match=r"results/4/.resume/snapshot.pt: not a progan snapshot \(not a torch.save file.*"
                                           r"delete results/4/.resume to restart the stage"):
         loop.run(params_mod.load(params_path), res=4)
     assert snap.exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from progan import params as params_mod, paths
+from progan import checkpoint, params as params_mod, paths
 from progan.fileio import sha256_file
 from progan.errors import ProganError
 from progan.train import data, loop, state
@@ -187,7 +187,7 @@ def test_rng_state_round_trip_survives_weights_only(tmp_path):
     import random
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     st = state.get_rng_state()
-    state.save(tmp_path / "rng.pt", {"rng": st})
+    checkpoint.save(tmp_path / "rng.pt", {"rng": st})
     expect = (torch.rand(3), np.random.rand(3), random.random())
     st = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"]
     state.set_rng_state(st)
@@ -274,15 +274,15 @@ def test_train_4_then_8(project):
 def test_missing_previous_stage(project):
     with pytest.raises(ProganError) as e:
         loop.run(project, res=8)
-    assert str(e.value) == "results/4/checkpoint.pt not found: run `progan train --res 4` first"
+    assert str(e.value) == "results/4/checkpoint.pt: checkpoint not found; run `progan train --res 4` first"
 
 
 def test_damaged_previous_checkpoint(project):
     Path("results/4").mkdir(parents=True)
     Path(paths.checkpoint(4)).write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ProganError, match=r"results/4/checkpoint.pt: truncated or not a progan checkpoint"):
+    with pytest.raises(ProganError, match=r"results/4/checkpoint.pt: checkpoint is truncated or corrupt \(incomplete zip\)"):
         loop.run(project, res=8)
-    state.save(paths.checkpoint(4), {"format": "progan-checkpoint", "version": 7})
+    checkpoint.save(paths.checkpoint(4), {"format": "progan-checkpoint", "version": 7})
     with pytest.raises(ProganError, match=r"checkpoint version 7, this code reads version 1"):
         loop.run(project, res=8)
 

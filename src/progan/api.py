@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from progan import checkpoint
 from progan.errors import ProganError
-from progan.fileio import torch_load
 from progan.model import networks
 
 MAX_SEED = 2**63 - 1
@@ -206,20 +206,6 @@ class ProganGenerator:
         return self.images(walk_latents(seeds, steps, self.latent_dim), batch)
 
 
-def _saved_alpha(path: Path) -> float:
-    """The 'alpha' a checkpoint was saved at (training checkpoints and exports carry it; 1.0 when absent)."""
-    try:
-        obj = torch_load(path, mmap=True)   # lazy: reads no tensor data
-    except RuntimeError:                                                            # not a zip file: plain load
-        obj = torch_load(path)
-    alpha = obj.get("alpha", 1.0)
-    if isinstance(alpha, Tensor) and alpha.numel() == 1:
-        alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-        raise ProganError(f"{path}: 'alpha' must be a number in [0, 1], got {alpha!r}; re-run the train stage")
-    return float(alpha)
-
-
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ProganGenerator:
     """G_ema of a training checkpoint (results/<R>/checkpoint.pt) or of an exported generator (`progan export`).
 
@@ -228,5 +214,5 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Prog
     """
     dev = resolve_device(device)
     path = Path(path)
-    net = networks.load_generator(path, "cpu")       # checks format, version, keys and shapes; weights_only
-    return ProganGenerator(net.to(dev), _saved_alpha(path), path)
+    saved = checkpoint.load_generator(path, "cpu")    # checks format, version, keys and shapes; weights_only
+    return ProganGenerator(saved.G.to(dev), saved.alpha, path)

@@ -36,7 +36,7 @@ import torch
 
 from progan import paths
 from progan.errors import ProganError, out_of_memory_error
-from progan.fileio import scratch_array, sha256_file, torch_load, write_json
+from progan.fileio import scratch_array, sha256_file, write_json
 from progan.log import log, progress
 from progan.metrics import fid as fid_mod
 from progan.metrics import inception
@@ -134,15 +134,6 @@ def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, devi
     return keep, score
 
 
-def _trained_kimg(path: str) -> float:
-    """total_kimg of the checkpoint (0 for an exported generator without it); mmap: no full read."""
-    try:
-        ckpt = torch_load(path, mmap=True)
-        return float(ckpt.get("total_kimg", 0.0))
-    except Exception:  # noqa: BLE001 - load_generator already validated the file; the step is cosmetic
-        return 0.0
-
-
 def _tracking():
     try:
         from progan import tracking
@@ -152,16 +143,16 @@ def _tracking():
 
 
 def load_inputs(params, res: int, device) -> tuple:
-    """(reals memmap, G_ema) of stage `res`, checked; every problem is a one-line ProganError."""
-    from progan.model.networks import load_generator
+    """(reals memmap, checkpoint.GeneratorFile) of stage `res`, checked; every problem is a one-line ProganError."""
+    from progan import checkpoint
 
     reals = _open_reals(res)
     ckpt = paths.checkpoint(res)
-    G = load_generator(ckpt, device)
-    if G.res_px != res:
-        raise ProganError(f"{ckpt}: holds a {G.res_px} px generator, expected {res} px; re-run `progan train "
+    trained = checkpoint.load_generator(ckpt, device)
+    if trained.G.res_px != res:
+        raise ProganError(f"{ckpt}: holds a {trained.G.res_px} px generator, expected {res} px; re-run `progan train "
                           f"--res {res}`")
-    return reals, G
+    return reals, trained
 
 
 def _level_sha256(res: int) -> str:
@@ -226,8 +217,8 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
     t0 = time.time()
     ev = params.evaluate
     device = swd_mod.default_device()
-    reals, G = inputs if inputs is not None else load_inputs(params, res, device)
-    ckpt = paths.checkpoint(res)
+    reals, trained = inputs if inputs is not None else load_inputs(params, res, device)
+    G, total_kimg = trained.G, trained.total_kimg
     selected = list(ev.metrics)
     n = min(int(ev.num_images), len(reals))
     if n < int(ev.num_images) and "swd" in selected:
@@ -254,7 +245,7 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
     z = latents(seed, max(n_swd, 2 * num_pairs, n_inception, 1), G.cfg.latent_dim)
     fakes, msssim_fake = generate(G, z, n_swd, num_pairs, batch, device, res, paths.stage_dir(res), sink=sink,
                                   sink_count=n_inception)
-    del G, net
+    del G, trained, net
 
     mirrored = bool(params.train.mirror_augment) and any(m in selected for m in MIRRORED_METRICS)
     flip = mirror_mask(seed, len(reals)) if mirrored else None
@@ -285,7 +276,7 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
                                "kid_subsets": settings.kid_subsets,
                                "is_splits": settings.is_splits}
         log.info("evaluate %dpx: %s", res, " ".join(f"{k}={v:.4g}" for name in wanted for k, v in values[name].items()))
-    result.update(total_kimg=_trained_kimg(ckpt), device=str(device), seconds=round(time.time() - t0, 3))
+    result.update(total_kimg=total_kimg, device=str(device), seconds=round(time.time() - t0, 3))
     return result
 
 

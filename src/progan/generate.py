@@ -11,7 +11,6 @@ Errors: one line on stderr, exit status 1 (traceback with --debug).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -20,14 +19,12 @@ import numpy as np
 import torch
 
 from progan import api, log as log_mod
+from progan import checkpoint as ckpt_file      # `checkpoint` names the input path below
 from progan.errors import ProganError
 from progan.fileio import atomic_path
 from progan.log import log
-from progan.model import networks
 
 GIF_MAX_FPS = 50       # GIF delays are whole 1/100 s; browsers slow delays under 0.02 s down to 0.1 s
-EXPORT_FORMAT = networks.GENERATOR_FORMAT
-EXPORT_VERSION = networks.CHECKPOINT_VERSION
 
 
 # ------------------------------------------------------------------------------------------------- writers
@@ -141,14 +138,12 @@ def export(checkpoint: str | Path, out: str | Path) -> dict:
     if out.exists() and out.is_dir():
         raise ProganError(f"--out {out}: is a folder; give a file name such as {out / 'G.pt'}")
     G = api.load_generator(checkpoint, device="cpu")
-    state = {k: v.detach().clone() for k, v in G.net.state_dict().items()}
-    obj = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "res_px": G.res_px,
-           "model": dataclasses.asdict(G.net.cfg),
-           "G_ema": state, "alpha": G.alpha}
+    obj = ckpt_file.generator_export(G.net, G.alpha)
+    state = obj["G_ema"]
     with atomic_path(out, suffix=".pt") as tmp:
         with open(tmp, "wb") as f:  # a file object keeps the bytes independent of the temp name
             torch.save(obj, f)
-        check = networks.load_generator(tmp, "cpu").state_dict()    # never leave a file load_generator cannot read
+        check = ckpt_file.load_generator(tmp, "cpu").G.state_dict()   # never leave a file it cannot read back
         if check.keys() != state.keys() or not all(torch.equal(v, state[k]) for k, v in check.items()):
             raise ProganError(f"--out {out}: the written file does not read back as the same G_ema; nothing written")
     info = {"out": str(out), "bytes": out.stat().st_size, "checkpoint_bytes": checkpoint.stat().st_size}

@@ -16,28 +16,23 @@ Deviations from the official code (all flagged where they happen):
   3x3 weight (see layers.UpConv2d);
 - the toRGB/fromRGB layers below res/2 are kept (never used in forward) so the state dicts nest; with DDP
   this needs `find_unused_parameters=True` or excluding them.
+Pure nn code: the files these nets are saved in and read from are progan/checkpoint.py's.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import operator
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from progan.errors import ProganError, refused_code_error, torch_load_failure
-from progan.fileio import torch_load
+from progan.errors import ProganError
 from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
                                  leaky_relu, minibatch_stddev, pixel_norm, upsample2x)
 
-CHECKPOINT_FORMAT = "progan-checkpoint"
-GENERATOR_FORMAT = "progan-generator"    # an exported G_ema (same keys, without G/D/optimizers)
-CHECKPOINT_VERSION = 1
 MAX_RES_PX = 1024
 
 
@@ -251,7 +246,7 @@ class Discriminator(nn.Module):
         return self.blocks["4"](h).squeeze(1)                           # [N]
 
 
-# ------------------------------------------------------------------------------------- growing, loading
+# ------------------------------------------------------------------------------------------------- growing
 
 def load_grown(net: nn.Module, prev_state: Mapping[str, Tensor]) -> list[str]:
     """Copy the state dict of the same kind of net at res/2 into `net` (at res); returns the new names.
@@ -274,65 +269,3 @@ def load_grown(net: nn.Module, prev_state: Mapping[str, Tensor]) -> list[str]:
         for k, v in prev_state.items():
             own[k].copy_(v)
     return [k for k in own if k not in prev_state]
-
-
-def _read_checkpoint(path: Path, device) -> dict:
-    if not path.is_file():
-        raise ProganError(f"{path}: checkpoint not found; run the train stage that writes it first")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive; a cut one has a zip header but no central directory at the end.
-    is_zip = head == b"PK\x03\x04"
-    if not head or (is_zip and not zipfile.is_zipfile(path)):
-        why = "empty file" if not head else "incomplete zip"
-        raise ProganError(f"{path}: checkpoint is truncated or corrupt ({why}); re-run the train stage that writes it")
-    try:
-        obj = torch_load(path, map_location=device)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, reported in one line
-        blocked, reason, by_unpickler = torch_load_failure(e)
-        if blocked:
-            raise refused_code_error(path, blocked, "progan checkpoint") from None
-        if is_zip:
-            raise ProganError(f"{path}: checkpoint is truncated or corrupt ({reason}); "
-                              f"re-run the train stage that writes it") from None
-        how = f"weights_only loading refused it: {reason}; do not load untrusted files" if by_unpickler else reason
-        raise ProganError(f"{path}: not a progan checkpoint (not a torch.save file; {how})") from None
-    if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT, GENERATOR_FORMAT):
-        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ProganError(f"{path}: not a progan checkpoint (format {got!r}, expected {CHECKPOINT_FORMAT!r})")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise ProganError(f"{path}: checkpoint version {obj.get('version')!r} is not supported (this code reads "
-                          f"version {CHECKPOINT_VERSION}); re-run the train stage")
-    for key in ("res_px", "model", "G_ema"):
-        if key not in obj:
-            raise ProganError(f"{path}: checkpoint lacks the key {key!r}; re-run the train stage")
-    return obj
-
-
-def load_generator(path, device="cpu") -> Generator:
-    """G_ema of a training checkpoint (or an exported `progan-generator` file) in eval mode, no grads.
-
-    Loaded with torch.load(weights_only=True): a file that tries to run code is refused.
-    """
-    path = Path(path)
-    ckpt = _read_checkpoint(path, "cpu")
-    model = ckpt["model"]
-    if not isinstance(model, dict):
-        raise ProganError(f"{path}: checkpoint 'model' must be a dict of ModelConfig fields")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    if set(model) - names:
-        raise ProganError(f"{path}: checkpoint 'model' has unknown fields {sorted(set(model) - names)}")
-    try:
-        cfg = ModelConfig(**model)
-        G = Generator(cfg, ckpt["res_px"])
-    except ProganError as e:
-        raise ProganError(f"{path}: {e}") from None
-    state = ckpt["G_ema"]
-    if not isinstance(state, dict):
-        raise ProganError(f"{path}: checkpoint 'G_ema' is not a state dict")
-    try:
-        G.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ProganError(f"{path}: G_ema does not match a {ckpt['res_px']} px Generator with model {model} "
-                          f"({str(e).strip().splitlines()[0][:160]})") from None
-    return G.to(device).eval().requires_grad_(False)

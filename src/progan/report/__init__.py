@@ -156,14 +156,14 @@ def interpolation_strip(root: Path, res: int, steps: int, seed: int) -> tuple[by
     try:
         import torch
 
-        from progan.model import networks
+        from progan import checkpoint
     except ImportError as e:
         return None, f"interpolation strip left out: {e}"
     rel = paths.checkpoint(res)
     if not (root / rel).is_file():
         raise ProganError(f"{rel}: not found; {_make(res, 'train')}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    G = networks.load_generator(root / rel, device)
+    G = checkpoint.load_generator(root / rel, device).G
     ends = np.random.default_rng(seed).standard_normal((STRIP_ROWS, 2, G.cfg.latent_dim))
     z = np.concatenate([slerp(a, b, np.linspace(0.0, 1.0, steps)) for a, b in ends])   # [rows*steps, D]
     with torch.no_grad():

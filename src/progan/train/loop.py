@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from progan import gpus, paths
+from progan import checkpoint, gpus, paths
 from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import atomic_path, sha256_file, write_json, write_text
 from progan.log import log, progress
@@ -118,7 +118,7 @@ def build_networks(params, res: int) -> Nets:
     if res == 4:
         return Nets(G, D, G_ema, cfg, None, None, sorted(G.state_dict()))
     prev_path = Path(paths.checkpoint(res // 2))
-    prev = state.load_checkpoint(prev_path, res // 2)
+    prev = checkpoint.load_stage(prev_path, res // 2)
     if prev["model"] != dataclasses.asdict(cfg):
         changed = sorted(k for k in set(prev["model"]) | set(dataclasses.asdict(cfg))
                          if prev["model"].get(k) != dataclasses.asdict(cfg).get(k))
@@ -337,7 +337,7 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
     amp = bool(tp.amp) and cuda                           # bf16 autocast: CUDA only
     channels_last = bool(tp.channels_last) and cuda
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    resume_path = Path(paths.resume_dir(res)) / state.SNAPSHOT_NAME
+    resume_path = Path(paths.resume_dir(res)) / checkpoint.SNAPSHOT_NAME
 
     # Data.
     images = data.open_level(res)
@@ -371,7 +371,7 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
     # Resume from a mid-stage snapshot, if any.
     cur_nimg, rows, seconds_before, resumed_kimg = 0, [], 0.0, None
     key = _snapshot_key(params, res, nets, env.world)
-    snap = state.load_snapshot(resume_path)
+    snap = checkpoint.load_snapshot(resume_path)
     if snap is not None and snap["key"] != key:
         log.warning("train %d px: %s was made with other %s; starting the stage over", res, resume_path,
                     ", ".join(k for k in key if snap["key"].get(k) != key[k]))
@@ -488,12 +488,10 @@ def _train(params, res: int, tp, env: dist.DistEnv, device: torch.device) -> dic
                 fakes = torch.cat([nets.G_ema(z.to(device), alpha) for z in z_grid.split(sched.batch)])
             save_grid(paths.samples_png(res), fakes)
             write_json(paths.train_json(res), info)
-            state.save(paths.checkpoint(res), {
-                "format": state.CHECKPOINT_FORMAT, "version": state.VERSION, "res_px": res,
-                "model": dataclasses.asdict(nets.cfg), "G": _cpu(nets.G.state_dict()), "D": _cpu(nets.D.state_dict()),
-                "G_ema": _cpu(nets.G_ema.state_dict()), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "cur_nimg": cur_nimg, "total_kimg": total_kimg, "alpha": alpha, "rng": state.get_rng_state(),
-                "params": _stage_params(params, res), "prev_checkpoint_sha256": nets.prev_sha256})
+            checkpoint.save(paths.checkpoint(res), checkpoint.stage_checkpoint(
+                res_px=res, cfg=nets.cfg, G=nets.G, D=nets.D, G_ema=nets.G_ema, opt_G=opt_G, opt_D=opt_D,
+                cur_nimg=cur_nimg, total_kimg=total_kimg, alpha=alpha, rng=state.get_rng_state(),
+                params=_stage_params(params, res), prev_sha256=nets.prev_sha256))
             tr.log_metrics({"img_per_s": info["img_per_s"], "seconds": seconds}, step_kimg=total_kimg)
             shutil.rmtree(paths.resume_dir(res), ignore_errors=True)
             log.info("train %d px: done, %.1f kimg in %.0f s (%.1f img/s) -> %s", res, cur_nimg / 1000, seconds,
@@ -524,10 +522,6 @@ def _stage_params(params, res: int) -> dict:
     return params.subset(pipeline.stage(params, "train", res).params)
 
 
-def _cpu(sd: dict) -> dict:
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format) for k, v in sd.items()}
-
-
 def _write_snapshot(path: Path, nets: Nets, opt_G, opt_D, cur_nimg: int, rows: list, seconds: float, key: dict,
                     params, sampler: data.Sampler, env: dist.DistEnv) -> bool:
     """Everything needed to continue bit-identically; written by rank 0 after every rank reached the same step.
@@ -540,12 +534,9 @@ def _write_snapshot(path: Path, nets: Nets, opt_G, opt_D, cur_nimg: int, rows: l
         if not finite:
             log.warning("train: non-finite weights at stage kimg %.3f; keeping the previous snapshot", cur_nimg / 1000)
         else:
-            state.save(path, {
-                "format": state.SNAPSHOT_FORMAT, "version": state.VERSION, "key": key, "cur_nimg": cur_nimg,
-                "G": _cpu(nets.G.state_dict()), "D": _cpu(nets.D.state_dict()), "G_ema": _cpu(nets.G_ema.state_dict()),
-                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "rng": rng,
-                "sampler": sampler.state(cur_nimg), "rows": list(rows), "seconds": seconds,
-                "params": params.to_dict()})
+            checkpoint.save(path, checkpoint.snapshot(
+                key=key, cur_nimg=cur_nimg, G=nets.G, D=nets.D, G_ema=nets.G_ema, opt_G=opt_G, opt_D=opt_D, rng=rng,
+                sampler=sampler.state(cur_nimg), rows=rows, seconds=seconds, params=params.to_dict()))
             log.info("train: snapshot at stage kimg %.3f -> %s", cur_nimg / 1000, path)
     dist.barrier(env)
     return finite
