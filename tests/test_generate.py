@@ -18,7 +18,7 @@ from PIL import Image
 import progan
 from progan import api, cli
 from progan.errors import ProganError
-from progan.generate import image_grid
+from progan.pictures import image_grid, to_uint8
 from progan.model import Generator, ModelConfig
 
 TINY = ModelConfig(latent_dim=16, fmap_base=64, fmap_max=16)
@@ -116,7 +116,7 @@ def test_to_uint8_is_the_official_conversion():
     values = torch.tensor([-1.0, 1.0, 0.0, 0.5 / 127.5 - 1, 1.5 / 127.5 - 1, -3.0, 2.0, 0.2])
     x = values.view(1, 1, 2, 4).expand(1, 3, 2, 4).clone()
     x[0, 1] = -x[0, 1]                                              # channel 1 differs: checks NCHW -> NHWC
-    u = api.to_uint8(x)
+    u = to_uint8(x)
     assert u.dtype == np.uint8 and u.shape == (1, 2, 4, 3)
     assert u[0, :, :, 0].ravel().tolist() == [0, 255, 128, 0, 2, 0, 255, 153]
     assert u[0, :, :, 1].ravel().tolist() == [255, 0, 128, 254, 254, 255, 0, 102]   # 254.5, 253.5 -> 254
@@ -145,7 +145,7 @@ def test_sample_shapes_range_and_determinism_at_every_resolution(ckpts, res):
     assert not np.array_equal(images, G.sample(6, seed=2))
     x = G(G.latents(6, seed=1))                                     # the float output, NCHW
     assert x.shape == (6, 3, res, res) and x.dtype == torch.float32 and not x.requires_grad
-    assert np.array_equal(api.to_uint8(x), images)
+    assert np.array_equal(to_uint8(x), images)
     assert np.array_equal(G(G.latents(6, seed=1).numpy()).numpy(), x.numpy())   # arrays are accepted too
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -19,7 +18,9 @@ from PIL import Image
 from progan import params as params_mod
 from progan import checkpoint, paths, tracking
 from progan.errors import ProganError
+from progan.pictures import image_grid
 from progan.report import html, plots
+import progan
 import progan.report as report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def write_stage_outputs(root: Path) -> None:
     for r in RES:
         d = root / paths.stage_dir(r)
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(plots.image_grid(faces(GRID, r, seed=r))).save(d / "samples.png")
+        Image.fromarray(image_grid(faces(GRID, r, seed=r))).save(d / "samples.png")
         rows, start = [], total
         for tick in range(1, 5):                        # 4 ticks of 0.1 kimg
             stage_kimg = 0.1 * tick
@@ -133,22 +134,27 @@ def make_project(tmp_path) -> "params_mod.Params":
 
 # ---- math and small pieces --------------------------------------------------------------------------
 
-def test_slerp_hand_values():
-    a, b = np.array([1.0, 0.0]), np.array([0.0, 1.0])
-    got = report.slerp(a, b, [0.0, 1 / 3, 0.5, 1.0])
-    want = [[1, 0], [math.cos(math.pi / 6), 0.5], [math.sqrt(0.5), math.sqrt(0.5)], [0, 1]]
-    np.testing.assert_allclose(got, want, atol=1e-12)
-    # equal norms stay equal along the arc (lerp would shrink the midpoint to norm sqrt(0.5) * 3)
-    np.testing.assert_allclose(np.linalg.norm(report.slerp(3 * a, 3 * b, np.linspace(0, 1, 7)), axis=1), 3.0)
-    np.testing.assert_allclose(report.slerp(a, 2 * a, [0.5]), [[1.5, 0.0]])   # parallel: linear
+def test_interpolation_strip_rows_are_progan_interpolate_frames(tmp_path):
+    """One slerp: row r of the report's strip is, frame for frame, what `progan interpolate --seeds A,B
+    --steps <steps - 1>` renders for the seeds the caption names."""
+    import io
 
+    from progan import generate
 
-def test_image_grid_layout():
-    imgs = np.stack([np.full((2, 3, 3), i + 1, np.uint8) for i in range(5)])
-    grid = plots.image_grid(imgs)                       # ceil(sqrt(5)) = 3 columns, 2 rows
-    assert grid.shape == (4, 9, 3)
-    assert grid[0, 0, 0] == 1 and grid[0, 3, 0] == 2 and grid[0, 6, 0] == 3
-    assert grid[2, 0, 0] == 4 and grid[2, 3, 0] == 5 and grid[2, 6, 0] == 0   # empty cell is black
+    (tmp_path / paths.stage_dir(RES[-1])).mkdir(parents=True)
+    write_checkpoint(tmp_path)
+    ckpt = tmp_path / paths.checkpoint(RES[-1])
+    png, caption = report.interpolation_strip(tmp_path, RES[-1], STEPS, seed=5)
+    assert report.strip_seeds(5) == [(5, 6), (7, 8), (9, 10)] and caption.endswith("--seeds A,B` with A,B = 5,6 / 7,8 / 9,10")
+    strip = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    pad, cell = max(1, RES[-1] // 16), RES[-1]
+    for row, (a, b) in enumerate(report.strip_seeds(5)):
+        gif = tmp_path / f"walk{row}.gif"
+        assert generate.interpolate(ckpt, gif, [a, b], steps=STEPS - 1, device="cpu") == STEPS
+        frames = progan.load_generator(ckpt).interpolate([a, b], STEPS - 1)
+        for i, frame in enumerate(frames):
+            y, x = row * (cell + pad), i * (cell + pad)
+            assert np.array_equal(strip[y:y + cell, x:x + cell], frame), (row, i)
 
 
 def test_html_fmt_and_escape():

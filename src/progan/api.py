@@ -23,6 +23,7 @@ from torch import Tensor
 from progan import checkpoint
 from progan.errors import ProganError
 from progan.model import networks
+from progan.pictures import to_uint8
 
 MAX_SEED = 2**63 - 1
 
@@ -123,15 +124,6 @@ def walk_latents(seeds: Sequence[int], steps: int, latent_dim: int) -> Tensor:
     parts = [slerp(k0, k1, t) for k0, k1 in zip(keys, keys[1:])]
     parts.append(slerp(keys[-2], keys[-1], 1.0)[None])
     return torch.cat(parts) * math.sqrt(latent_dim)
-
-
-def to_uint8(x: Tensor) -> np.ndarray:
-    """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8 the official way (misc.convert_to_uint8 /
-    adjust_dynamic_range): x * 127.5 + 127.5, rounded half to even (np.rint), clipped to [0, 255]."""
-    if x.ndim != 4:
-        raise ProganError(f"to_uint8 expects images [N, C, H, W], got {list(x.shape)}")
-    y = torch.round(x.detach().to(torch.float32) * 127.5 + 127.5).clamp_(0, 255)
-    return y.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the wrapper

@@ -44,6 +44,7 @@ from progan.metrics import msssim as msssim_mod
 from progan.metrics import real_stats as stats_mod
 from progan.metrics import swd as swd_mod
 from progan.metrics.registry import METRICS, EvalContext
+from progan.pictures import to_uint8
 
 _RAM_IMAGE_BYTES = 2 << 30      # generated images above this go to an unlinked temp file beside eval.json
 MIRRORED_METRICS = ("swd", "msssim")   # the metrics whose reals are mirrored under train.mirror_augment
@@ -93,11 +94,6 @@ def _image_buffer(n: int, res: int, spill_dir: str) -> np.ndarray:
     if n * res * res * 3 <= _RAM_IMAGE_BYTES:
         return np.empty((n, res, res, 3), np.uint8)
     return scratch_array(spill_dir, ".fakes-", np.uint8, (n, res, res, 3), f"{n} generated images")
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, 3, R, R] generator output in [-1, 1] -> uint8 [N, R, R, 3] (official out_mul/out_add 127.5)."""
-    return (x.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:

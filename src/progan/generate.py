@@ -11,7 +11,6 @@ Errors: one line on stderr, exit status 1 (traceback with --debug).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from progan import checkpoint as ckpt_file      # `checkpoint` names the input p
 from progan.errors import ProganError
 from progan.fileio import atomic_path
 from progan.log import log
+from progan.pictures import image_grid
 
 GIF_MAX_FPS = 50       # GIF delays are whole 1/100 s; browsers slow delays under 0.02 s down to 0.1 s
 
@@ -39,19 +39,6 @@ def _pil(image: np.ndarray):
     if c in (3, 4):
         return Image.fromarray(image)
     raise ProganError(f"cannot write images with {c} channels (model.num_channels); 1, 3 or 4 are supported")
-
-
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one [rows*H, columns*W, C] grid, row-major, black where the last row is short.
-    Default columns: ceil(sqrt(N)) (8 for 64 images)."""
-    n, h, w, c = images.shape
-    columns = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * h, columns * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return grid
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from progan import paths, tracking
 from progan.errors import ProganError
 from progan.fileio import write_text
+from progan.pictures import image_grid
 from progan.log import log
 from progan.report import html, plots
 
@@ -136,43 +136,31 @@ def load_reals(root: Path, res: int, count: int, seed: int) -> np.ndarray:
     return np.asarray(level[index])
 
 
-def slerp(a: np.ndarray, b: np.ndarray, t) -> np.ndarray:
-    """Spherical linear interpolation [T, D] from a (t=0) to b (t=1) along the great circle through their
-    directions (Shoemake 1985; for GAN latents White 2016, "Sampling Generative Networks" §2.2). Norms
-    are interpolated along the arc too, so two latents of equal norm keep that norm. Falls back to
-    linear interpolation when a and b are (anti)parallel and the arc is undefined."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
-    cos = np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)
-    omega = math.acos(min(1.0, max(-1.0, float(cos))))
-    if math.sin(omega) < 1e-6:
-        return (1 - t) * a + t * b
-    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / math.sin(omega)
+def strip_seeds(seed: int) -> list[tuple[int, int]]:
+    """The (first, last) latent seeds of each row of the interpolation strip: params.seed + 0 / 1, + 2 / 3, ..."""
+    return [(seed + 2 * row, seed + 2 * row + 1) for row in range(STRIP_ROWS)]
 
 
 def interpolation_strip(root: Path, res: int, steps: int, seed: int) -> tuple[bytes | None, str]:
-    """PNG of STRIP_ROWS rows x `steps` frames: G_ema of the final stage along slerp paths between seeded
-    latents; (None, why) when the networks module is not there."""
+    """PNG of STRIP_ROWS rows x `steps` frames: G_ema of the final stage walking the latent sphere between the
+    seeds of `strip_seeds`, row by row the frames of `progan interpolate --seeds A,B --steps <steps - 1>` (the same
+    latents, slerp and uint8 conversion: progan.api). Returns (PNG, caption), or (None, why) when torch is not there."""
     try:
-        import torch
-
-        from progan import checkpoint
+        from progan import api
     except ImportError as e:
         return None, f"interpolation strip left out: {e}"
     rel = paths.checkpoint(res)
     if not (root / rel).is_file():
         raise ProganError(f"{rel}: not found; {_make(res, 'train')}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    G = checkpoint.load_generator(root / rel, device).G
-    ends = np.random.default_rng(seed).standard_normal((STRIP_ROWS, 2, G.cfg.latent_dim))
-    z = np.concatenate([slerp(a, b, np.linspace(0.0, 1.0, steps)) for a, b in ends])   # [rows*steps, D]
-    with torch.no_grad():
-        x = G(torch.from_numpy(z).float().to(device)).float().cpu()                       # [N, C, R, R]
-    # Same uint8 mapping as the training sample grids: x * 127.5 + 127.5, rounded, clipped.
-    images = (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    G = api.load_generator(root / rel, device="auto")
+    rows = strip_seeds(seed)
+    images = np.concatenate([G.interpolate(list(ends), steps - 1) for ends in rows])   # [rows * steps, R, R, C]
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
-    return plots.png_bytes(plots.image_grid(images, columns=steps, pad_px=max(1, res // 16), fill=255)), ""
+    caption = (f"G_ema of the final stage walking the latent sphere (slerp) from one seed's latent to another's, "
+               f"{steps} frames per row; each row is `progan interpolate --checkpoint {rel} --steps {steps - 1} "
+               f"--seeds A,B` with A,B = " + " / ".join(f"{a},{b}" for a, b in rows))
+    return plots.png_bytes(image_grid(images, columns=steps, pad_px=max(1, res // 16), fill=255)), caption
 
 
 def _tsv(header: list[str], rows: list[list]) -> str:
@@ -261,7 +249,7 @@ def run(params) -> None:
     if inception is not None:
         figures["inception"] = inception
     strip, strip_note = interpolation_strip(root, final, int(params.report.interpolation_steps), int(params.seed))
-    page = html.page(params, stages, figures, plots.png_bytes(plots.image_grid(reals)), strip, strip_note,
+    page = html.page(params, stages, figures, plots.png_bytes(image_grid(reals)), strip, strip_note,
                      swd_header, swd_rows, inception_keys(stages))
     write_text(root / paths.REPORT_HTML, page)
     final_swd = ", ".join(f"{s.res_px}px {s.eval['swd']['swd_avg']:.3g}" for s in stages)

@@ -130,10 +130,8 @@ def page(params, stages, figures: dict[str, bytes], reals_png: bytes, strip_png:
         '<section id="interpolation"><h2>Latent interpolation</h2>',
     ]
     if strip_png is not None:
-        steps = int(params.report.interpolation_steps)
-        parts.append(f"<figure>{img(strip_png, 'latent interpolation strip', min_px=STRIP_MIN_PX, max_px=1232)}<figcaption>G_ema of the final stage "
-                     f"along spherical (slerp) paths between pairs of random latents, {steps} frames per row"
-                     f"</figcaption></figure>")
+        parts.append(f"<figure>{img(strip_png, 'latent interpolation strip', min_px=STRIP_MIN_PX, max_px=1232)}"
+                     f"<figcaption>{esc(strip_note)}</figcaption></figure>")
     else:
         parts.append(f"<p class=note>{esc(strip_note)}</p>")
     parts += [

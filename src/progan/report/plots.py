@@ -1,4 +1,4 @@
-"""The report's pictures: matplotlib figures (Agg, PNG bytes) and image grids (uint8 arrays -> PNG bytes).
+"""The report's pictures: matplotlib figures (Agg, PNG bytes) and PNG bytes of image grids (progan.pictures).
 
 No file is written here; `progan.report` puts the bytes into the page.
 """
@@ -34,23 +34,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
-
-
-def image_grid(images: np.ndarray, columns: int | None = None, pad_px: int = 0, fill: int = 0) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*H, cols*W, C] image, row-major, ceil(sqrt(N)) columns by
-    default (the layout of the training sample grids, train/loop.py `save_grid`); `pad_px` lines of value
-    `fill` between cells; empty cells are `fill` too."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"image_grid needs [N, H, W, C] with N >= 1, got shape {list(images.shape)}")
-    n, h, w, c = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad_px) - pad_px, cols * (w + pad_px) - pad_px, c), fill, dtype=images.dtype)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * (h + pad_px):r * (h + pad_px) + h, q * (w + pad_px):q * (w + pad_px) + w] = images[i]
-    return grid
 
 
 def loss_curves(stages: list[dict]) -> bytes:

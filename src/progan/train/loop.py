@@ -43,6 +43,7 @@ from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import atomic_path, sha256_file, write_json, write_text
 from progan.log import log, progress
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals, load_grown
+from progan.pictures import image_grid, to_uint8
 from progan.train import data, dist, schedule, state
 from progan.train.loss import d_loss, g_loss, gradient_penalty, penalty_resolution_factor
 from progan.train.nonfinite import SKIP_KEYS, STAT_KEYS, TickStats, step_if_finite
@@ -220,17 +221,9 @@ def train_step(nets: Nets, opt_G, opt_D, reals: torch.Tensor, z_d: torch.Tensor,
 # Files.
 
 def save_grid(path: str, images: torch.Tensor) -> None:
-    """[N, 3, H, W] in [-1, 1] -> a PNG grid, ceil(sqrt(N)) columns; uint8 via x*127.5+127.5, rounded, clipped."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    x = (images.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    """[N, 3, H, W] generator output -> a PNG grid (pictures.to_uint8, pictures.image_grid), written atomically."""
     with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(grid).save(tmp)
+        Image.fromarray(image_grid(to_uint8(images))).save(tmp)
 
 
 def losses_tsv_text(rows: list[dict]) -> str:
