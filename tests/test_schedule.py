@@ -1,4 +1,7 @@
 """Growth schedule of one stage (train/schedule.py): phase, alpha, lr and optimizer resets at known nimg."""
+import math
+
+import numpy as np
 import pytest
 
 from progan import params as params_mod
@@ -30,7 +33,6 @@ def test_phase_boundaries():
     assert schedule.phase(s, 0) == TRANSITION
     assert schedule.phase(s, 599_999) == TRANSITION
     assert schedule.phase(s, 600_000) == STABILIZE
-    assert schedule.phase_index(s, 600_000) == 1
     assert schedule.phase_bounds_nimg(s, TRANSITION) == (0, 600_000)
     assert schedule.phase_bounds_nimg(s, STABILIZE) == (600_000, 1_200_000)
 
@@ -41,16 +43,55 @@ def test_4x4_has_no_transition():
     assert schedule.alpha(s, 0) == 1.0
 
 
-def test_official_lod_formula_agrees():
-    """Official TrainingSchedule: lod -= max(phase_kimg - lod_training_kimg, 0) / lod_transition_kimg and
-    alpha = 1 - frac(lod). In the official order a phase is 'train' then 'transition'; our stage R begins
-    with the transition of the official phase that grows R/2 -> R."""
-    training_kimg, transition_kimg = 600.0, 600.0
-    s = _s(transition_kimg, training_kimg)
-    for nimg in (0, 1, 123_456, 300_000, 450_016, 599_984):
-        kimg_official = training_kimg + nimg / 1000        # the same image, counted from the R/2 phase start
-        lod_frac = max(kimg_official - training_kimg, 0.0) / transition_kimg
-        assert schedule.alpha(s, nimg) == pytest.approx(lod_frac, abs=1e-12)
+def _official_lod(cur_nimg, resolution_log2, lod_training_kimg, lod_transition_kimg, lod_initial_resolution=4):
+    """tkarras/progressive_growing_of_gans train.py TrainingSchedule.__init__ (lines 'Training phase' and
+    'Level-of-detail and resolution'), as written there."""
+    kimg = cur_nimg / 1000.0
+    phase_dur = lod_training_kimg + lod_transition_kimg
+    phase_idx = int(np.floor(kimg / phase_dur)) if phase_dur > 0 else 0
+    phase_kimg = kimg - phase_idx * phase_dur
+    lod = resolution_log2
+    lod -= np.floor(np.log2(lod_initial_resolution))
+    lod -= phase_idx
+    if lod_transition_kimg > 0:
+        lod -= max(phase_kimg - lod_training_kimg, 0.0) / lod_transition_kimg
+    return max(lod, 0.0)
+
+
+def _official_alpha(lod_in, resolution_log2, res_px):
+    """The weight of the res_px block in the official G_paper / D_paper: `lerp_clip(new, old, lod_in - lod)` with
+    lod = resolution_log2 - log2(res_px) (networks.py, G grow / D grow), i.e. new * (1 - clip(lod_in - lod))."""
+    return 1.0 - float(np.clip(lod_in - (resolution_log2 - math.log2(res_px)), 0.0, 1.0))
+
+
+def test_alpha_phase_and_resets_follow_the_official_lod():
+    """One official run (4 -> 32 px: training 48 images, then transition 80 images, per phase) cut into our stages:
+    stage 4 = the first training phase; stage R >= 8 = the transition to R, then the training phase at R. At every
+    minibatch our alpha is the official weight of the R block at the official lod, and our phase is 'transition'
+    exactly while that weight is below 1. Adam is reset where the official code resets it (reset_opt_for_new_lod:
+    floor(lod) or ceil(lod) changed since the previous minibatch), with one deviation: at a transition's start the
+    official lod is still integral for one minibatch (the R block at weight 0), so it resets one minibatch later
+    than our stage, which starts with new optimizers."""
+    training_kimg, transition_kimg, batch, log2_top = 0.048, 0.080, 16, 5
+    for res in (4, 8, 16, 32):
+        s = _s(0 if res == 4 else transition_kimg, training_kimg, batch)
+        offset_nimg = 0 if res == 4 else round(1000 * (training_kimg + (math.log2(res) - 3) * (training_kimg + transition_kimg)))
+        lods = {n: _official_lod(offset_nimg + n, log2_top, training_kimg, transition_kimg)
+                for n in range(-batch, s.total_nimg, batch)}
+        if res == 4:
+            lods[-batch] = -1.0                                          # official prev_lod before the first minibatch
+        official_resets, our_resets = set(), set()
+        for n in range(0, s.total_nimg, batch):
+            lod, prev = lods[n], lods[n - batch]
+            assert schedule.alpha(s, n) == pytest.approx(_official_alpha(lod, log2_top, res), abs=1e-12), (res, n)
+            assert (schedule.phase(s, n) == TRANSITION) == (lod > log2_top - math.log2(res)), (res, n, lod)
+            if (math.floor(lod), math.ceil(lod)) != (math.floor(prev), math.ceil(prev)):
+                official_resets.add(n)
+            if schedule.reset_optimizer(s, n - batch if n else None, n):
+                our_resets.add(n)
+        expected = official_resets if res == 4 else (official_resets - {batch}) | {0}
+        assert batch in official_resets or res == 4
+        assert our_resets == expected, (res, sorted(our_resets), sorted(official_resets))
 
 
 def test_reset_optimizer_at_each_phase_start():
@@ -63,7 +104,7 @@ def test_reset_optimizer_at_each_phase_start():
 def test_steps_and_overshoot():
     s = _s(transition_kimg=0.1, stabilize_kimg=0.1, batch=16)        # 200 images -> 13 minibatches (208)
     assert s.total_nimg == 200
-    assert s.total_steps == 13
+    assert len(range(0, s.total_nimg, s.batch)) == 13                # the last minibatch overshoots to 208
 
 
 def test_from_params_reads_the_stage(tmp_path):
@@ -73,4 +114,3 @@ def test_from_params_reads_the_stage(tmp_path):
                                                     for r in (16, 32, 64, 128)}})
     s = StageSchedule.from_params(params_mod.load(path), 8)
     assert (s.res_px, s.batch, s.lr, s.transition_nimg, s.stabilize_nimg) == (8, 8, 0.002, 250, 2000)
-    assert schedule.lr(s, 0) == 0.002

@@ -6,12 +6,13 @@ resolution: the official run alternates "train at lod" / "transition to lod-1"; 
 fades its new layers in (`transition_kimg`, alpha 0 -> 1, paper §3 / Fig. 2) then stabilises
 (`stabilize_kimg`, alpha 1). The 4x4 stage has nothing to fade in (transition_kimg 0).
 
-Deviation: the official loop re-evaluates the schedule every `minibatch_repeats`=4 minibatches; here
-it is evaluated before every minibatch (alpha moves in smaller steps, same line).
+Deviations: the official loop re-evaluates the schedule every `minibatch_repeats`=4 minibatches; here
+it is evaluated before every minibatch (alpha moves in smaller steps, same line). At a transition's start the
+official lod is still integral for one minibatch (the new block at weight 0) and Adam is reset after it; here
+the stage starts with new optimizers one minibatch earlier (tests/test_schedule.py rebuilds the official lod).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 TRANSITION = "transition"
@@ -25,7 +26,8 @@ class StageSchedule:
 
     res_px: int
     batch: int                 # global minibatch (all GPUs together)
-    lr: float                  # Adam learning rate for G and D (official G_lrate = D_lrate)
+    lr: float                  # Adam learning rate for G and D, constant in the stage (official G_lrate_dict /
+                               # D_lrate_dict, no ramp)
     transition_nimg: int       # images of the fade-in phase (0 at 4x4)
     stabilize_nimg: int        # images of the stabilisation phase
 
@@ -40,19 +42,10 @@ class StageSchedule:
     def total_nimg(self) -> int:
         return self.transition_nimg + self.stabilize_nimg
 
-    @property
-    def total_steps(self) -> int:
-        """Minibatches in the stage; like the official `while cur_nimg < total_kimg * 1000` the last one may overshoot."""
-        return math.ceil(self.total_nimg / self.batch)
-
 
 def phase(s: StageSchedule, cur_nimg: int) -> str:
     """'transition' while cur_nimg < transition_nimg, then 'stabilize' (also past the end)."""
     return TRANSITION if cur_nimg < s.transition_nimg else STABILIZE
-
-
-def phase_index(s: StageSchedule, cur_nimg: int) -> int:
-    return PHASES.index(phase(s, cur_nimg))
 
 
 def alpha(s: StageSchedule, cur_nimg: int) -> float:
@@ -63,11 +56,6 @@ def alpha(s: StageSchedule, cur_nimg: int) -> float:
     if s.transition_nimg <= 0 or cur_nimg >= s.transition_nimg:
         return 1.0
     return max(cur_nimg, 0) / s.transition_nimg
-
-
-def lr(s: StageSchedule, cur_nimg: int) -> float:
-    """Learning rate: constant per resolution (official G_lrate_dict / D_lrate_dict, no ramp)."""
-    return s.lr
 
 
 def reset_optimizer(s: StageSchedule, prev_nimg: int | None, cur_nimg: int) -> bool:
