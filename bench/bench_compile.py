@@ -1,8 +1,8 @@
-"""Does `torch.compile` speed up the training step (train/loop.py `train_step`) on this machine? (issue #6)
+"""Does `torch.compile` speed up the training step (train/step.py `train_step`) on this machine? (issue #6)
 
 Variants, all on the same precomputed minibatches (real CelebA pyramid from bench_train.make_root; data time is
 NOT included: img/s is of the step alone):
-    eager       loop.train_step itself (today's step: D loss, autograd.grad(create_graph=True) penalty, G loss, EMA)
+    eager       step.train_step itself (today's step: D loss, autograd.grad(create_graph=True) penalty, G loss, EMA)
     compiled    torch.compile(G) and torch.compile(D) for G's forwards, D on reals/fakes and the G loss; the
                 penalty stays eager on the uncompiled D (same weights): aot_autograd cannot trace the double
                 backward of autograd.grad(create_graph=True)
@@ -40,7 +40,7 @@ import bench_train  # noqa: E402  (puts src/ on sys.path)
 
 from progan import params as params_mod  # noqa: E402
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals  # noqa: E402
-from progan.train import data, loop  # noqa: E402
+from progan.train import data, nets as nets_mod, step as step_mod  # noqa: E402
 from progan.train.loss import WGAN_TARGET, _fp32, d_loss, g_loss, gradient_penalty  # noqa: E402
 
 OUT = bench_train.OUT
@@ -63,9 +63,9 @@ def make_batches(params, res: int, n: int, device) -> list[tuple]:
         idx, flip = sampler.indices(nimg, batch)
         reals = data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip), device, False)
         reals = fade_reals(reals, alpha) if res > 4 else reals
-        out.append((reals, loop.latents(params.seed, res, nimg, 2, batch, cfg.latent_dim).to(device),
-                    loop.latents(params.seed, res, nimg, 3, batch, cfg.latent_dim).to(device),
-                    loop.gp_mix(params.seed, res, nimg, batch).to(device)))
+        out.append((reals, step_mod.latents(params.seed, res, nimg, 2, batch, cfg.latent_dim).to(device),
+                    step_mod.latents(params.seed, res, nimg, 3, batch, cfg.latent_dim).to(device),
+                    step_mod.gp_mix(params.seed, res, nimg, batch).to(device)))
     return out
 
 
@@ -73,8 +73,9 @@ def build(params, res: int, device):
     cfg = ModelConfig.from_params(params)
     torch.manual_seed(0)
     G, D = Generator(cfg, res).to(device), Discriminator(cfg, res).to(device)
-    nets = loop.Nets(G, D, copy.deepcopy(G).eval().requires_grad_(False), cfg, None, None, [])
-    return nets, loop.make_optimizer(G, params, res), loop.make_optimizer(D, params, res)
+    nets = nets_mod.Nets(G, D, copy.deepcopy(G).eval().requires_grad_(False), cfg, None, None, [])
+    adam = nets_mod.Adam.from_params(params, res)
+    return nets, adam.make(G), adam.make(D)
 
 
 def func_penalty(D, reals, fakes, alpha, mix):
@@ -95,10 +96,12 @@ def func_penalty(D, reals, fakes, alpha, mix):
 
 
 def make_step(variant: str, nets, opt_G, opt_D, alpha, tp):
-    """A function (reals, z_d, z_g, mix) -> stats, for `variant`; mirrors loop.train_step line by line."""
+    """A function (reals, z_d, z_g, mix) -> stats, for `variant`; mirrors step.train_step line by line."""
     if variant == "eager":
-        return lambda reals, z_d, z_g, mix: loop.train_step(nets, opt_G, opt_D, reals, z_d, z_g, mix, alpha, tp,
-                                                            1)[:len(loop.STAT_KEYS)]   # without the skip flags
+        settings = step_mod.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay)
+        return lambda reals, z_d, z_g, mix: step_mod.train_step(
+            nets, opt_G, opt_D, step_mod.StepInputs(reals, z_d, z_g, mix, alpha), settings,
+            1)[:len(step_mod.STAT_KEYS)]                                        # without the skip flags
     G, D = nets.G, nets.D
     Gc, Dc = (torch.compile(G), torch.compile(D)) if variant in ("compiled", "func_compiled") else (G, D)
 
@@ -125,7 +128,7 @@ def make_step(variant: str, nets, opt_G, opt_D, alpha, tp):
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
-        loop.ema_update(nets.G_ema, G, tp.ema_decay)
+        step_mod.ema_update(nets.G_ema, G, tp.ema_decay)
         return torch.stack([loss_D.detach().float(), loss_G.detach().float(),
                             *[parts[k].detach().float().mean() for k in ("gp", "d_real", "d_fake")]])
     return step

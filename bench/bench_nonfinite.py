@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import bench_train  # noqa: E402
 from progan import params as params_mod  # noqa: E402
 from progan.model.networks import Discriminator, Generator, ModelConfig  # noqa: E402
-from progan.train import loop  # noqa: E402
+from progan.train import nets as nets_mod, step as step_mod  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CASES = [("tiny", 8), ("tiny", 32), ("paper", 4)]
@@ -42,9 +42,10 @@ def _variant(name, params, res, device):
     cfg = ModelConfig.from_params(params)
     torch.manual_seed(0)
     G, D = Generator(cfg, res).to(device), Discriminator(cfg, res).to(device)
-    nets = loop.Nets(G, D, copy.deepcopy(G).requires_grad_(False), cfg, None, None, [])
+    nets = nets_mod.Nets(G, D, copy.deepcopy(G).requires_grad_(False), cfg, None, None, [])
     if name == "skip":
-        opt_G, opt_D = loop.make_optimizer(G, params, res), loop.make_optimizer(D, params, res)
+        adam = nets_mod.Adam.from_params(params, res)
+        opt_G, opt_D = adam.make(G), adam.make(D)
     else:
         kw = dict(lr=0.001, betas=(0.0, 0.99), eps=1e-8)
         opt_G, opt_D = torch.optim.Adam(G.parameters(), **kw), torch.optim.Adam(D.parameters(), **kw)
@@ -53,20 +54,21 @@ def _variant(name, params, res, device):
 
 def _time(name, state, inputs, alpha, tp, steps, device):
     nets, opt_G, opt_D = state
-    real = loop.step_if_finite
-    loop.step_if_finite = real if name == "skip" else _plain_step
+    real = step_mod.step_if_finite
+    step_mod.step_if_finite = real if name == "skip" else _plain_step
+    settings = step_mod.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay)
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         acc = None
         for _ in range(steps):
-            s = loop.train_step(nets, opt_G, opt_D, *inputs, alpha, tp, 1)
+            s = step_mod.train_step(nets, opt_G, opt_D, step_mod.StepInputs(*inputs, alpha), settings, 1)
             acc = s if acc is None else acc + s
         acc.tolist()                                             # the per-tick sync
         return 1000 * (time.perf_counter() - t0) / steps
     finally:
-        loop.step_if_finite = real
+        step_mod.step_if_finite = real
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Two configs: the tests' tiny nets (latent 16, fmap_base 64, fmap_max 16) and the paper's 512-channel nets
 (latent 512, fmap_base 8192, fmap_max 512), at small resolutions, a few minibatches each. The step is the
-one of train/loop.py (`train_step`), re-timed part by part with the same calls:
+one of train/step.py (`train_step`), re-timed part by part with the same calls:
     data  sampler + memmap gather + uint8 -> float on the device + fade_reals
     G_fwd  G forward for the D step (no graph)
     D_fwd  D on reals and fakes (d_loss without penalty);  D_bwd  its backward
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from progan import params as params_mod, paths  # noqa: E402
 from progan.model.networks import Discriminator, Generator, ModelConfig  # noqa: E402
-from progan.train import data, loop  # noqa: E402
+from progan.train import data, nets as nets_mod, step as step_mod  # noqa: E402
 from progan.train.loss import d_loss, g_loss, gradient_penalty  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -154,23 +154,26 @@ def count_flops(params, res: int, device: torch.device) -> dict:
 
 def bench_loop(params, res, steps, device, channels_last, amp, G, D, G_ema, opt_G, opt_D, images, sampler) -> float:
     """img/s of the training loop's own path, as train/loop.py runs it: Batches (prefetch thread, pinned on CUDA),
-    `loop.step_inputs`, `loop.train_step` (bf16 autocast with --amp on CUDA), steps back to back with one device
+    `step.step_inputs`, `step.train_step` (bf16 autocast with --amp on CUDA), steps back to back with one device
     sync at the end: no per-part syncs, so on CUDA the host runs ahead of the GPU."""
     batch, cfg = int(params.stage(res).batch), ModelConfig.from_params(params)
-    nets = loop.Nets(G=G, D=D, G_ema=G_ema, cfg=cfg, prev=None, prev_sha256=None, grown_keys=[])
+    nets = nets_mod.Nets(G=G, D=D, G_ema=G_ema, cfg=cfg, prev=None, prev_sha256=None, grown_keys=[])
+    tp = params.train
+    settings = step_mod.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" \
         else contextlib.nullcontext
     alpha = 0.5 if res > 4 else 1.0
     cuda = device.type == "cuda"
-    stats = torch.zeros(len(loop.STAT_KEYS) + len(loop.SKIP_KEYS), device=device)
+    stats = torch.zeros(len(step_mod.STEP_STATS), device=device)
     batches = data.Batches(images, sampler, batch, 0, (steps + 1) * batch, prefetch=2, pin_memory=cuda)
     for i, (nimg, x_u8, flip) in enumerate(batches):
         if i == 1:                                                       # batch 0 = warm-up, not timed
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        inputs = loop.step_inputs(params, res, batch, nimg, x_u8, flip, alpha, cfg.latent_dim, device, channels_last)
-        stats += loop.train_step(nets, opt_G, opt_D, *inputs, alpha, params.train, 1, autocast)
+        inputs = step_mod.step_inputs(params.seed, res, batch, nimg, x_u8, flip, alpha, cfg.latent_dim, device,
+                                  channels_last)
+        stats += step_mod.train_step(nets, opt_G, opt_D, inputs, settings, 1, autocast)
     stats.tolist()                                                       # the per-tick sync
     return steps * batch / (time.perf_counter() - t0)
 
@@ -184,7 +187,8 @@ def bench_res(params, res: int, steps: int, device: torch.device, channels_last:
     if channels_last:                                     # as train/loop.py does with train.channels_last
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_G, opt_D = loop.make_optimizer(G, params, res), loop.make_optimizer(D, params, res)
+    adam = nets_mod.Adam.from_params(params, res)
+    opt_G, opt_D = adam.make(G), adam.make(D)
     images = data.open_level(res)
     sampler = data.Sampler(len(images), params.seed, res, True)
     alpha = 0.5 if res > 4 else 1.0
@@ -197,8 +201,8 @@ def bench_res(params, res: int, steps: int, device: torch.device, channels_last:
         with timer("data"):
             idx, flip = sampler.indices(nimg, batch)
             x_u8 = torch.from_numpy(data.read_batch(images, idx))
-            reals, z_d, z_g, mix = loop.step_inputs(params, res, batch, nimg, x_u8, torch.from_numpy(flip), alpha,
-                                                    cfg.latent_dim, device, channels_last)
+            reals, z_d, z_g, mix, _ = step_mod.step_inputs(params.seed, res, batch, nimg, x_u8, torch.from_numpy(flip),
+                                                       alpha, cfg.latent_dim, device, channels_last)
         D.requires_grad_(True)
         with timer("G_fwd"), torch.no_grad():
             fakes = G(z_d, alpha)
@@ -219,7 +223,7 @@ def bench_res(params, res: int, steps: int, device: torch.device, channels_last:
         with timer("opt_G"):
             opt_G.step()
         with timer("EMA"):
-            loop.ema_update(G_ema, G, tp.ema_decay)
+            step_mod.ema_update(G_ema, G, tp.ema_decay)
     wall = time.perf_counter() - wall0
     per_step_ms = {k: 1000 * v / steps for k, v in timer.t.items()}
     per_step_ms["other"] = max(0.0, 1000 * wall / steps - sum(per_step_ms.values()))

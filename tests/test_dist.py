@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from progan import params as params_mod, paths
 from progan.model.networks import Discriminator, Generator, ModelConfig, fade_reals
-from progan.train import data, dist, loop
+from progan.train import data, dist, nets as nets_mod, step
 
 from test_train import NO_MLFLOW, make_project
 
@@ -33,22 +33,24 @@ def _setup(params_path):
     cfg = ModelConfig.from_params(p)
     torch.manual_seed(0)
     G, D = Generator(cfg, RES), Discriminator(cfg, RES)
-    nets = loop.Nets(G, D, copy.deepcopy(G).requires_grad_(False), cfg, None, None, [])
-    opt_G, opt_D = loop.make_optimizer(G, p, RES), loop.make_optimizer(D, p, RES)
+    nets = nets_mod.Nets(G, D, copy.deepcopy(G).requires_grad_(False), cfg, None, None, [])
+    adam = nets_mod.Adam.from_params(p, RES)
+    opt_G, opt_D = adam.make(G), adam.make(D)
     images = data.open_level(RES)
     idx, flip = data.Sampler(len(images), p.seed, RES, True).indices(0, GLOBAL_BATCH)
     reals = fade_reals(data.to_device(torch.from_numpy(data.read_batch(images, idx)), torch.from_numpy(flip),
                                       torch.device("cpu")), ALPHA)
-    z_d = loop.latents(p.seed, RES, 0, 2, GLOBAL_BATCH, cfg.latent_dim)
-    z_g = loop.latents(p.seed, RES, 0, 3, GLOBAL_BATCH, cfg.latent_dim)
-    mix = loop.gp_mix(p.seed, RES, 0, GLOBAL_BATCH)
+    z_d = step.latents(p.seed, RES, 0, 2, GLOBAL_BATCH, cfg.latent_dim)
+    z_g = step.latents(p.seed, RES, 0, 3, GLOBAL_BATCH, cfg.latent_dim)
+    mix = step.gp_mix(p.seed, RES, 0, GLOBAL_BATCH)
     return p, nets, opt_G, opt_D, (reals, z_d, z_g, mix)
 
 
 def _step(params_path, rank, world):
     p, nets, opt_G, opt_D, inputs = _setup(params_path)
     rows = [x[rank::world] for x in inputs]
-    stats = loop.train_step(nets, opt_G, opt_D, *rows, ALPHA, p.train, world)
+    settings = step.Settings(p.train.loss, p.train.gp_weight, p.train.drift_weight, p.train.ema_decay)
+    stats = step.train_step(nets, opt_G, opt_D, step.StepInputs(*rows, ALPHA), settings, world)
     return nets, dist.all_reduce_mean(stats, world)
 
 

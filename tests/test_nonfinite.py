@@ -17,7 +17,7 @@ import torch
 
 from progan import params as params_mod, paths
 from progan.errors import ProganError
-from progan.train import dist, loop
+from progan.train import dist, loop, step
 from progan.train.nonfinite import SKIP_KEYS, STAT_KEYS, TickStats, step_if_finite
 
 from test_train import NO_MLFLOW, _stage, make_project, one_thread
@@ -149,7 +149,8 @@ def test_train_step_skips_only_the_step_with_the_inf(tmp_path, monkeypatch):
         _, nets, opt_G, opt_D, inputs = test_dist._setup(path)
         before = {n: {k: v.clone() for k, v in getattr(nets, n).state_dict().items()} for n in ("G", "D", "G_ema")}
         monkeypatch.setattr(dist, "average_gradients", _InjectInf([call]))
-        stats = loop.train_step(nets, opt_G, opt_D, *inputs, test_dist.ALPHA, p.train, 1)
+        settings = step.Settings(p.train.loss, p.train.gp_weight, p.train.drift_weight, p.train.ema_decay)
+        stats = step.train_step(nets, opt_G, opt_D, step.StepInputs(*inputs, test_dist.ALPHA), settings, 1)
         assert stats[5:].tolist() == ([1.0, 0.0] if side == "D" else [0.0, 1.0])
         same = {n: all(torch.equal(v, before[n][k]) for k, v in getattr(nets, n).state_dict().items())
                 for n in ("G", "D")}

@@ -18,7 +18,7 @@ from PIL import Image
 from progan import checkpoint, params as params_mod, paths
 from progan.fileio import sha256_file
 from progan.errors import ProganError
-from progan.train import data, loop, state
+from progan.train import data, loop, nets as nets_mod, state, step
 
 from helpers import CELEBA_DIR, tiny_params
 
@@ -81,13 +81,13 @@ def test_ema_update_math():
     with torch.no_grad():
         G.weight.fill_(1.0)
         G_ema.weight.fill_(0.0)
-    loop.ema_update(G_ema, G, decay=0.9)              # 0 + (1 - 0) * 0.1
+    step.ema_update(G_ema, G, decay=0.9)              # 0 + (1 - 0) * 0.1
     assert G_ema.weight.item() == pytest.approx(0.1)
     with torch.no_grad():
         G.weight.fill_(2.0)
-    loop.ema_update(G_ema, G, decay=0.9)              # 0.1 + (2 - 0.1) * 0.1 = 0.29
+    step.ema_update(G_ema, G, decay=0.9)              # 0.1 + (2 - 0.1) * 0.1 = 0.29
     assert G_ema.weight.item() == pytest.approx(0.29)
-    loop.ema_update(G_ema, G, decay=1.0)              # decay 1: frozen
+    step.ema_update(G_ema, G, decay=1.0)              # decay 1: frozen
     assert G_ema.weight.item() == pytest.approx(0.29)
 
 
@@ -230,15 +230,15 @@ def test_train_4_then_8(project):
     grid = np.asarray(Image.open(paths.samples_png(4)))
     assert grid.shape == (16, 16, 3) and grid.dtype == np.uint8                  # 16 images, 4x4 grid of 4 px
     # The grid is G_ema on the fixed latents, uint8 via x*127.5+127.5 rounded and clipped.
-    nets4 = loop.build_networks(p, 4)
+    nets4 = nets_mod.build_networks(p, 4)
     nets4.G_ema.load_state_dict(ck4["G_ema"])
     with torch.no_grad():
-        expect = nets4.G_ema(loop.fixed_latents(p, 16)).mul(127.5).add(127.5).round().clamp(0, 255)
+        expect = nets4.G_ema(step.fixed_latents(p.seed, p.report.grid_images, 16)).mul(127.5).add(127.5).round().clamp(0, 255)
     assert np.array_equal(grid[:4, :4], expect[0].permute(1, 2, 0).to(torch.uint8).numpy())
     assert np.array_equal(grid[4:8, 12:16], expect[7].permute(1, 2, 0).to(torch.uint8).numpy())
 
     # Stage 8 starts from stage 4: every stage-4 tensor is loaded as is; G_ema's new layers copy G's.
-    nets8 = loop.build_networks(p, 8)
+    nets8 = nets_mod.build_networks(p, 8)
     assert nets8.prev_sha256 == sha256_file(ck4_path)
     for name in ("G", "D", "G_ema"):
         own = getattr(nets8, name).state_dict()
@@ -313,7 +313,7 @@ def test_optimizer_state_carried_across_stages_by_name(tmp_path, monkeypatch):
         loop.run(p, res=4)                                          # 2 minibatches
         loop.run(p, res=8)                                          # 1 + 2 minibatches, no reset in between
     ck8 = torch.load(paths.checkpoint(8), weights_only=True)
-    names = [n for n, _ in loop.build_networks(p, 8).G.named_parameters()]
+    names = [n for n, _ in nets_mod.build_networks(p, 8).G.named_parameters()]
     steps = {names[i]: float(st["step"]) for i, st in ck8["opt_G"]["state"].items()}
     assert steps["blocks.4.conv.weight"] == 5.0 and steps["blocks.8.conv1.weight"] == 3.0
     assert "to_rgb.4.weight" in steps and steps["to_rgb.4.weight"] == 3.0   # 2 at 4 px + 1 in the fade (unused at alpha 1)

@@ -1,0 +1,85 @@
+"""The networks of one growth stage: G, D and G_ema at R, seeded, grown from the stage R/2 checkpoint, and Adam.
+
+New layers of G_ema start as copies of G's new layers (official: Gs is cloned from G at construction; the grown
+layers of both come from the same init). Adam has the paper's betas (0, 0.99) and eps 1e-8 (§A.1; official
+G_opt / D_opt, config.py L45-46), fused: one kernel per step, and it honours `found_inf` (nonfinite.step_if_finite);
+`reset_opt_each_phase` false carries its state across stages by parameter name (train/state.py).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from progan import checkpoint, paths
+from progan.errors import ProganError
+from progan.fileio import sha256_file
+from progan.model.networks import Discriminator, Generator, ModelConfig, load_grown
+from progan.train import state
+from progan.train.step import derive_seed
+
+
+@dataclasses.dataclass
+class Nets:
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_ema: torch.nn.Module
+    cfg: ModelConfig
+    prev: dict | None              # the stage R/2 checkpoint (None at 4x4)
+    prev_sha256: str | None
+    grown_keys: list[str]          # G keys new at this resolution (G_ema copies them from G)
+
+
+def build_networks(params, res: int) -> Nets:
+    """G, D, G_ema at `res` on the CPU: seeded init, then the stage R/2 weights loaded with `load_grown`."""
+    cfg = ModelConfig.from_params(params)
+    torch.manual_seed(derive_seed(params.seed, res, 1))
+    G, D = Generator(cfg, res), Discriminator(cfg, res)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    if res == 4:
+        return Nets(G, D, G_ema, cfg, None, None, sorted(G.state_dict()))
+    prev_path = Path(paths.checkpoint(res // 2))
+    prev = checkpoint.load_stage(prev_path, res // 2)
+    if prev["model"] != dataclasses.asdict(cfg):
+        changed = sorted(k for k in set(prev["model"]) | set(dataclasses.asdict(cfg))
+                         if prev["model"].get(k) != dataclasses.asdict(cfg).get(k))
+        raise ProganError(f"{prev_path}: trained with other model params ({', '.join(changed)}); "
+                          f"re-run every stage from `progan train --res 4` or restore params.yaml model.*")
+    try:
+        grown = load_grown(G, prev["G"])
+        load_grown(D, prev["D"])
+        grown_ema = load_grown(G_ema, prev["G_ema"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ProganError(f"{prev_path}: weights do not fit the {res} px networks ({str(e).splitlines()[0][:120]}); "
+                          f"re-run `progan train --res {res // 2}`") from None
+    g_state = G.state_dict()
+    with torch.no_grad():
+        for k in grown_ema:
+            G_ema.state_dict()[k].copy_(g_state[k])
+    return Nets(G, D, G_ema, cfg, prev, sha256_file(prev_path), sorted(grown))
+
+
+class Adam(NamedTuple):
+    """The optimizer settings of a stage (train.stages.<R>.lr, train.betas, train.adam_eps)."""
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+
+    @classmethod
+    def from_params(cls, params, res: int) -> "Adam":
+        return cls(params.stage(res).lr, tuple(params.train.betas), params.train.adam_eps)
+
+    def make(self, net: torch.nn.Module) -> torch.optim.Adam:
+        return torch.optim.Adam(net.parameters(), lr=self.lr, betas=self.betas, eps=self.eps, fused=True)
+
+
+def carry_optimizer_state(nets: Nets, res: int, opt_G, opt_D) -> None:
+    """Load the stage R/2 Adam state into the stage R optimizers, matched by parameter name; new parameters start
+    with zero moments (train.reset_opt_each_phase false)."""
+    prev_G, prev_D = Generator(nets.cfg, res // 2), Discriminator(nets.cfg, res // 2)
+    for opt, prev_net, net, key in ((opt_G, prev_G, nets.G, "opt_G"), (opt_D, prev_D, nets.D, "opt_D")):
+        opt.load_state_dict(state.remap_optimizer_state(nets.prev[key], [n for n, _ in prev_net.named_parameters()],
+                                                        [n for n, _ in net.named_parameters()]))

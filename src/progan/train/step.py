@@ -1,0 +1,136 @@
+"""One training step of ProGAN: what a minibatch draws, its inputs, one D step, one G step and the G_ema update.
+
+Every random draw of a step is a pure function of (seed, R, cur_nimg) (`latents`, `gp_mix`; the data order and
+flips are data.py's), so a resumed or multi-GPU run draws exactly what a single uninterrupted one does: each rank
+keeps rows rank::world of the global minibatch. `train_step` takes its inputs as one `StepInputs` and its knobs as
+one `Settings`, and returns the step's statistics without a host sync. A D or G update whose gradients are not all
+finite is skipped (official tfutil.py L346-355, nonfinite.step_if_finite).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+from progan.model.networks import fade_reals
+from progan.train import data, dist
+from progan.train.loss import d_loss, g_loss, gradient_penalty
+from progan.train.nonfinite import SKIP_KEYS, STAT_KEYS, step_if_finite
+
+if TYPE_CHECKING:
+    from progan.train.nets import Nets
+
+STEP_STATS = STAT_KEYS + SKIP_KEYS     # what train_step returns, in this order (nonfinite.TickStats sums them)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (numpy SeedSequence): init, latents and per-rank RNGs never collide."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def latents(seed: int, res_px: int, cur_nimg: int, which: int, batch: int, dim: int) -> torch.Tensor:
+    """Global minibatch of latents [batch, dim] (CPU) as a pure function of cur_nimg: resumable, and the same
+    on every rank (each keeps rows rank::world). which: 2 = D step, 3 = G step."""
+    g = torch.Generator().manual_seed(derive_seed(seed, res_px, which, cur_nimg))
+    return torch.randn(batch, dim, generator=g)
+
+
+def gp_mix(seed: int, res_px: int, cur_nimg: int, batch: int) -> torch.Tensor:
+    """Gradient-penalty interpolation factors u ~ U(0, 1) [batch] of the global minibatch (official
+    D_wgangp_acgan mixing_factors), a pure function of cur_nimg like `latents`."""
+    g = torch.Generator().manual_seed(derive_seed(seed, res_px, 5, cur_nimg))
+    return torch.rand(batch, generator=g)
+
+
+def fixed_latents(seed: int, count: int, dim: int) -> torch.Tensor:
+    """The sample-grid latents [count, dim] (report.grid_images of them): seeded by params.seed alone, the same
+    every stage."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(int(count), dim, generator=g)
+
+
+class Settings(NamedTuple):
+    """The train.* knobs a step uses (params.yaml, read once by the loop)."""
+    loss: str                      # wgan-gp | lsgan
+    gp_weight: float               # WGAN-GP lambda
+    drift_weight: float            # epsilon_drift
+    ema_decay: float               # G_ema <- G + decay * (G_ema - G)
+    gp_resolution_factor: float = 1.0   # the penalty's norm is divided by it (loss.penalty_resolution_factor)
+
+
+class StepInputs(NamedTuple):
+    """This rank's rows of one global minibatch, on the device."""
+    reals: torch.Tensor            # [n, 3, R, R] in [-1, 1], mirrored and faded (official process_reals)
+    z_d: torch.Tensor              # [n, latent_dim] latents of the D step
+    z_g: torch.Tensor              # [n, latent_dim] latents of the G step
+    mix: torch.Tensor              # [n] gradient-penalty interpolation factors u ~ U(0, 1)
+    alpha: float                   # fade-in weight of the new layers (1 once stabilising)
+
+
+def step_inputs(seed: int, res: int, batch: int, step_nimg: int, x_u8: torch.Tensor, flip: torch.Tensor,
+                alpha: float, latent_dim: int, device: torch.device, channels_last: bool = False, rank: int = 0,
+                world: int = 1) -> StepInputs:
+    """The StepInputs of this rank for the global minibatch at step_nimg: reals from the uint8 batch (official
+    process_reals: [-1, 1], mirror, FadeLOD above 4 px), latents and penalty factors drawn from step_nimg, their
+    rows rank::world, copied without a host sync (data.host_to_device)."""
+    reals = data.to_device(x_u8, flip, device, channels_last)            # [n, 3, R, R] in [-1, 1]
+    if res > 4:
+        reals = fade_reals(reals, alpha)                                  # official process_reals FadeLOD
+    z_d, z_g = (data.host_to_device(latents(seed, res, step_nimg, which, batch, latent_dim)[rank::world], device)
+                for which in (2, 3))
+    mix = data.host_to_device(gp_mix(seed, res, step_nimg, batch)[rank::world], device)
+    return StepInputs(reals, z_d, z_g, mix, alpha)
+
+
+def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Settings, world: int,
+               autocast=contextlib.nullcontext) -> torch.Tensor:
+    """One D step then one G step (official D_repeats=1) and the EMA update. A step with non-finite gradients is
+    skipped (`step_if_finite`).
+
+    Returns the detached stats [d_loss, g_loss, gp, d_real, d_fake, d_skipped, g_skipped] (STEP_STATS; no host sync).
+    """
+    G, D = nets.G, nets.D
+    reals, z_d, z_g, mix, alpha = inputs
+    # D step: fakes from G without graph; WGAN-GP loss with drift (loss.py). The penalty is added here with
+    # our own `mix` (drawn from cur_nimg like the latents) rather than loss.py's global-RNG draw, so that
+    # k GPUs compute exactly the single-GPU minibatch and a resumed run needs no RNG state.
+    D.requires_grad_(True)
+    with torch.no_grad(), autocast():
+        fakes = G(z_d, alpha)
+    use_gp = settings.loss == "wgan-gp" and settings.gp_weight > 0
+    with autocast():
+        loss_D, parts = d_loss(D, reals, fakes, alpha, settings.loss, 0.0, settings.drift_weight)
+        if use_gp:
+            gp = gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=settings.gp_resolution_factor)
+            loss_D = loss_D + settings.gp_weight * gp
+            parts = {**parts, "gp": gp.detach()}
+    opt_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    dist.average_gradients(list(D.parameters()), world)
+    d_skipped = step_if_finite(opt_D)
+    # G step with fresh latents; D's weights frozen so no D gradients are computed.
+    D.requires_grad_(False)
+    with autocast():
+        loss_G = g_loss(D, G(z_g, alpha), alpha, settings.loss)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    dist.average_gradients(list(G.parameters()), world)
+    g_skipped = step_if_finite(opt_G)
+    ema_update(nets.G_ema, G, settings.ema_decay)      # also after a skipped G step, as official Gs_update_op
+    zero = loss_D.detach().new_zeros(())
+    return torch.stack([loss_D.detach().float(), loss_G.detach().float(),
+                        *[parts.get(k, zero).detach().float().mean() for k in ("gp", "d_real", "d_fake")],
+                        d_skipped.to(zero.device), g_skipped.to(zero.device)])
+
+
+@torch.no_grad()
+def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, decay: float) -> None:
+    """G_ema <- G + decay * (G_ema - G) for every parameter in one fused call (official Gs.setup_as_moving_average_of
+    with beta = G_smoothing); buffers are copied."""
+    ema_p = [p for p in G_ema.parameters()]
+    g_p = [p.detach() for p in G.parameters()]
+    torch._foreach_lerp_(ema_p, g_p, 1.0 - decay)
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
