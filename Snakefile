@@ -1,5 +1,5 @@
-# progan-pipeline, Snakemake front end. The DAG itself is described once, in src/progan/pipeline.py;
-# the rules in workflow/rules/ are built from it (dvc.yaml is generated from the same table).
+# progan-pipeline, Snakemake front end. The DAG itself is described once, in src/progan/pipeline.py (STAGES);
+# workflow/rules/stages.smk makes one rule per stage from it (dvc.yaml is generated from the same table).
 #   snakemake --cores all --resources gpu=8
 import os
 import socket
@@ -33,14 +33,10 @@ configfile: "params.yaml"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/stages.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.report.output,
-        expand(paths.eval_json("{res}"), res=PARAMS.resolutions),
+        [path for job in pipeline.jobs(PARAMS) for path in job.out_paths],

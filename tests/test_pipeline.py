@@ -1,10 +1,13 @@
-"""One description of the DAG: dvc.yaml is generated from the stage table, and both tools see the same graph."""
+"""One description of the DAG (pipeline.STAGES): dvc.yaml is generated from it and DVC reads back exactly its jobs,
+both tools see the same graph, and a stale generated dvc.yaml is rewritten where it matters."""
+import os
 import re
 import subprocess
 
 import pytest
+import yaml
 
-from progan import params as params_mod, pipeline
+from progan import cli, params as params_mod, pipeline
 
 from helpers import REPO, make_workspace, tiny_params, tool_env
 
@@ -17,30 +20,99 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_table():
 
 def test_every_params_key_and_source_file_exists():
     params = params_mod.load(REPO / "params.yaml")
-    for job in pipeline.stages(params):
+    for job in pipeline.jobs(params):
         for key in job.params:
             assert params.get(key, KeyError) is not KeyError, (job.id, key)
         for f in job.code:
             assert (REPO / f).is_file(), (job.id, f)
+    # every source file a stage runs is listed for it (shared plumbing aside): an edit re-runs the stages it changes
+    listed = {f for s in pipeline.STAGES.values() for f in s.code}
+    plumbing = {"__init__", "cli", "params", "paths", "fileio", "log", "errors", "tracking", "pipeline", "gpus",
+                "workspace", "demo", "generate", "metrics/__init__", "model/__init__", "data/__init__",
+                "train/__init__", "report/__init__"}
+    for f in (REPO / "src/progan").rglob("*.py"):
+        rel = f.relative_to(REPO).as_posix()
+        name = rel.removeprefix("src/progan/").removesuffix(".py")
+        assert rel in listed or name in plumbing, f"{rel}: run by which stage? list it in pipeline.STAGES"
 
 
 def test_stage_params_are_per_resolution():
     params = params_mod.load(REPO / "params.yaml")
-    keys16 = pipeline.stage(params, "train", 16).params
+    keys16 = pipeline.job(params, "train", 16).params
     assert "train.stages.16" in keys16 and "train.stages.8" not in keys16
     assert not any(k.startswith("evaluate") for k in keys16)
+    assert "report.grid_images" in keys16          # samples.png shows that many images (issue #21)
     assert {"crop.size", "train.gp_resolution", "train.max_consecutive_skips"} <= set(keys16)   # the penalty's f = size / R
     # evaluation mirrors the reals when training did (official util_scripts.py evaluate_metrics)
-    assert pipeline.stage(params, "evaluate", 16).params == ["evaluate", "train.mirror_augment"]
+    assert pipeline.job(params, "evaluate", 16).params == ["evaluate", "train.mirror_augment"]
+
+
+def test_placeholders():
+    params = params_mod.load(REPO / "params.yaml")
+    assert pipeline.job(params, "train", 4).deps == ["data/pyramid/4.npy"]                 # nothing before 4 px
+    assert pipeline.job(params, "train", 8).deps == ["results/4/checkpoint.pt", "data/pyramid/8.npy"]
+    report = pipeline.job(params, "report").deps
+    assert report[:5] == ["results/4/eval.json", "results/4/train.json", "results/4/losses.tsv",
+                          "results/4/samples.png", "results/8/eval.json"]                  # {each} grouped per stage
+    assert report[-2:] == ["results/128/checkpoint.pt", "data/pyramid/128.npy"]            # {final} = crop.size
+    assert [o.path for o in pipeline.output_patterns(params, "train")][:1] == ["results/{res}/checkpoint.pt"]
+    assert pipeline.command("train", 16) == "progan train --res 16 --params params.yaml"
+    assert pipeline.artifacts(params, "train", 16) == ["results/16/losses.tsv", "results/16/samples.png",
+                                                       "results/16/train.json"]            # not the checkpoint
+
+
+def test_cli_gpus_and_tracking_come_from_the_table():
+    from progan import gpus, tracking
+
+    assert gpus.GPU_COMMANDS == ("crop", "train", "evaluate") and tracking.JOBS == ("train", "evaluate")
+    parser = cli._parser("train")
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, stage in pipeline.STAGES.items():
+        p = sub.choices[name]
+        assert p.description == stage.help
+        assert any(a.dest == "res" for a in p._actions) == stage.per_res, name
+
+
+def _dvc_workspace(tmp_path, size_px):
+    ws = make_workspace(tmp_path / "ws")
+    if size_px != 128:
+        tiny_params(ws, size_px=size_px)
+        (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params_mod.load(ws / "params.yaml")))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=ws, env=tool_env(), check=True)
+    return ws, params_mod.load(ws / "params.yaml")
+
+
+@pytest.mark.parametrize("size_px", [16, 128])
+def test_dvc_reads_back_exactly_the_jobs_of_the_table(tmp_path, monkeypatch, size_px):
+    """DVC's own parser (foreach, ${key}, ${item.prev}) resolves dvc.yaml to each job's command, deps, params and
+    outputs with their kinds: the template can not drift from the table."""
+    from dvc.repo import Repo
+
+    ws, params = _dvc_workspace(tmp_path, size_px)
+    monkeypatch.chdir(ws)
+    with Repo(str(ws)) as repo:
+        read = {s.addressing: s for s in repo.index.stages}
+    jobs = {j.id: j for j in pipeline.jobs(params)}
+    assert set(read) == set(jobs)
+    for job_id, job in jobs.items():
+        s = read[job_id]
+        param_deps = [d for d in s.deps if type(d).__name__ == "ParamsDependency"]
+        assert s.cmd == job.cmd, job_id
+        assert {str(d.def_path) for d in s.deps if d not in param_deps} == set(job.deps + job.code), job_id
+        assert [k for d in param_deps for k in d.params] == job.params, job_id
+        kinds = {str(o.def_path): ("metrics" if o.metric else "plots" if o.plot else
+                                   "plain" if o.use_cache else "uncached") for o in s.outs}
+        assert kinds == {o.path: o.kind for o in job.outs}, job_id
 
 
 def _snakemake_graph(ws):
     dot = subprocess.run(["snakemake", "--dag", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")],
                          cwd=ws, env=tool_env(), capture_output=True, text=True, check=True).stdout
+    stage_of_rule = {s.rule: s.name for s in pipeline.STAGES.values()}
     rule, res = {}, {}
     for node, label in re.findall(r'^\s*(\d+)\[label = "([^"]*)"', dot, re.M):
         parts = label.split("\\n")
-        rule[node] = parts[0]
+        rule[node] = stage_of_rule.get(parts[0], parts[0])
         res[node] = next((p.split(": ")[1] for p in parts[1:] if p.startswith("res: ")), None)
     raw_edges = re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)
     # Snakemake's labels show only the wildcards a job does not share with its inputs' jobs
@@ -54,9 +126,8 @@ def _snakemake_graph(ws):
 
 
 def _dvc_graph(ws):
-    env = tool_env()
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=ws, env=env, check=True)
-    dot = subprocess.run(["dvc", "dag", "--dot"], cwd=ws, env=env, capture_output=True, text=True, check=True).stdout
+    dot = subprocess.run(["dvc", "dag", "--dot"], cwd=ws, env=tool_env(), capture_output=True, text=True,
+                         check=True).stdout
     nodes = set(re.findall(r'^\s*"([^"]+)";', dot, re.M))
     edges = set(re.findall(r'^\s*"([^"]+)" -> "([^"]+)";', dot, re.M))
     return nodes, edges
@@ -64,14 +135,60 @@ def _dvc_graph(ws):
 
 @pytest.mark.parametrize("size_px", [16, 128])
 def test_snakemake_and_dvc_report_the_same_graph(tmp_path, size_px):
-    ws = make_workspace(tmp_path / "ws")
-    if size_px != 128:
-        tiny_params(ws, size_px=size_px)
-        params = params_mod.load(ws / "params.yaml")
-        (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params))
-    params = params_mod.load(ws / "params.yaml")
+    ws, params = _dvc_workspace(tmp_path, size_px)
     smk_nodes, smk_edges = _snakemake_graph(ws)
     dvc_nodes, dvc_edges = _dvc_graph(ws)
-    expected_nodes = {j.id for j in pipeline.stages(params)}
+    expected_nodes = {j.id for j in pipeline.jobs(params)}
     assert smk_nodes == dvc_nodes == expected_nodes
     assert smk_edges == dvc_edges == pipeline.edges(params)
+
+
+# ---- a stale generated dvc.yaml ---------------------------------------------------------------------------------
+
+def _stale_workspace(tmp_path):
+    """A checkout whose dvc.yaml was generated for crop.size 32, after the user edited params.yaml to 16."""
+    ws = make_workspace(tmp_path / "ws")
+    tiny_params(ws, size_px=32)
+    (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params_mod.load(ws / "params.yaml")))
+    tiny_params(ws, size_px=16)
+    return ws, params_mod.load(ws / "params.yaml")
+
+
+def test_snakemake_rewrites_a_stale_dvc_yaml(tmp_path):
+    ws, params = _stale_workspace(tmp_path)
+    out = subprocess.run(["snakemake", "-n", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")], cwd=ws,
+                         env=tool_env(), capture_output=True, text=True, check=True)
+    assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
+    assert "dvc.yaml did not match params.yaml (crop.size 16: stages 4, 8, 16): rewrote it" in out.stderr
+
+
+def test_stage_commands_rewrite_a_stale_dvc_yaml_and_stop_under_dvc(tmp_path, monkeypatch, capsys):
+    """By hand a stage command rewrites dvc.yaml and goes on; under DVC (DVC_STAGE set) it stops at once with one
+    line, before any work: DVC planned this run from the old file."""
+    ws, params = _stale_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)                                                  # the CLI changes into ws
+    stale = (ws / "dvc.yaml").read_text()
+    monkeypatch.setenv("DVC_STAGE", "download")
+    assert cli.main(["download", "--params", str(ws / "params.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("progan download: error: dvc.yaml did not match params.yaml (its stages follow crop.size) and "
+                       "DVC had planned this run from the old one; it is rewritten now: run the same dvc command again")
+    assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params) and not (ws / "data").exists()
+    (ws / "dvc.yaml").write_text(stale)
+    monkeypatch.delenv("DVC_STAGE")
+    assert cli.main(["download", "--params", str(ws / "params.yaml")]) == 0      # by hand: rewritten, and it runs
+    assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params) and (ws / "data/raw/images.tsv").is_file()
+    mine = "stages: {}\n"                                                        # taken over by hand: left alone
+    (ws / "dvc.yaml").write_text(mine)
+    assert not pipeline.sync_dvc_yaml(params) and (ws / "dvc.yaml").read_text() == mine
+    os.remove(ws / "dvc.yaml")                                                   # none at all: none is made
+    assert not pipeline.sync_dvc_yaml(params) and not (ws / "dvc.yaml").exists()
+
+
+def test_the_dvc_template_is_plain_yaml():
+    doc = yaml.safe_load(pipeline.dvc_yaml(params_mod.load(REPO / "params.yaml")))
+    train = doc["stages"]["train"]
+    assert train["foreach"]["4"] == {"prev": "data/pyramid/4.npy"} and train["foreach"]["8"] == {
+        "prev": "results/4/checkpoint.pt"}
+    assert train["do"]["deps"][:2] == ["${item.prev}", "data/pyramid/${key}.npy"]
+    assert doc["stages"]["evaluate"]["foreach"] == ["4", "8", "16", "32", "64", "128"]

@@ -49,7 +49,7 @@ def _workspace(tmp_path: Path, url: str) -> tuple[Path, object]:
 
 
 def _outputs(params) -> dict[str, list[str]]:
-    return {job.id: job.outs + job.metrics + job.plots for job in pipeline.stages(params)}
+    return {job.id: job.out_paths for job in pipeline.jobs(params)}
 
 
 def _stamp(ws: Path, params) -> dict[str, tuple]:

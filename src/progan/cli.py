@@ -11,17 +11,12 @@ import importlib
 import os
 import sys
 
+from progan import pipeline
 from progan.errors import ProganError
 
-# subcommand -> (module, help). Each module has `run(params, **kwargs)`; `add_arguments(parser)` is optional.
-STAGES = {
-    "download": ("progan.data.download", "fetch or list the source images (data.*) into data/raw/"),
-    "crop": ("progan.data.faces", "detect and crop one face per image (crop.*) into data/faces/"),
-    "pyramid": ("progan.data.pyramid", "write data/pyramid/<res>.npy for every training resolution"),
-    "train": ("progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)"),
-    "evaluate": ("progan.evaluate", "SWD and MS-SSIM of one stage: results/<res>/eval.json (evaluate.*)"),
-    "report": ("progan.report", "one HTML page for the whole run: results/report/index.html"),
-}
+# The stage commands are the stage table's (pipeline.STAGES): `progan <name>` runs `run(params, **kwargs)` of the
+# stage's module (`add_arguments(parser)` there is optional), with `--res` for per-resolution stages.
+# Tools that read params.yaml but are not stages: name -> (module, help).
 TOOLS = {
     "track-start": ("progan.tracking", "create the MLflow store, experiment and parent run before jobs start"),
     "dvc-yaml": ("progan.pipeline", "regenerate dvc.yaml from the stage table (pipeline.py) and params.yaml"),
@@ -34,7 +29,6 @@ STANDALONE = {
     "interpolate": ("progan.generate", "interpolate_main", "a GIF walking the latent sphere between seeds"),
     "export": ("progan.generate", "export_main", "G_ema alone, small, loadable by progan.load_generator"),
 }
-RES_COMMANDS = {"train", "evaluate"}
 
 
 def _parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -43,12 +37,13 @@ def _parser(selected: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_text) in STANDALONE.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    for name, (module, help_text) in {**STAGES, **TOOLS}.items():
+    commands = {**{name: (s.module, s.help) for name, s in pipeline.STAGES.items()}, **TOOLS}
+    for name, (module, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", metavar="PATH",
                        help="params file (default: ./params.yaml); its folder is the project root")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        if name in RES_COMMANDS:
+        if name in pipeline.STAGES and pipeline.STAGES[name].per_res:
             p.add_argument("--res", type=int, required=True, metavar="PX", help="stage resolution in px (4, 8, ...)")
         p.set_defaults(_module=module)
         mod = _import_quiet(module) if name == selected else None
@@ -81,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = params_mod.load(args.params)
         os.chdir(params.root)
-        if args.command in STAGES:
+        if args.command in pipeline.STAGES:
             from progan import workspace
 
             workspace.check_for_stage(params.root)
+            if pipeline.sync_dvc_yaml(params) and pipeline.under_dvc():
+                raise ProganError("dvc.yaml did not match params.yaml (its stages follow crop.size) and DVC had "
+                                  "planned this run from the old one; it is rewritten now: run the same dvc command "
+                                  "again")
         module = importlib.import_module(args._module)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
         if args.command in gpus.GPU_COMMANDS:

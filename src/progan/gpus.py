@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from progan import pipeline
 from progan.errors import ProganError
 from progan.log import log
 
@@ -41,7 +42,7 @@ REQUEST_ENV = "PROGAN_GPUS_REQUESTED"  # set by each Snakemake rule to its `gpu`
 LOCK_DIR_ENV = "PROGAN_GPU_LOCK_DIR"
 CLUSTER_GPUS_PER_JOB = 1               # `train.gpus: auto` under a cluster executor (documented in the README)
 WAIT_LOG_S = 60.0                      # a waiting job logs who holds its devices this often
-GPU_COMMANDS = ("crop", "train", "evaluate")
+GPU_COMMANDS = pipeline.gpu_stages()   # the stages that declare GPU use (pipeline.STAGES: crop, train, evaluate)
 
 _held: "Lease | None" = None           # this process's lease: one per process, by construction
 
@@ -96,12 +97,18 @@ def resolve(wanted, budget: int | None, num_visible: int | None, key: str = "tra
 
 
 def requested(command: str, params, budget: int | None, num_visible: int | None) -> int:
-    """GPUs a job of `command` asks for (see `resolve`). crop and evaluate use one GPU when there is one;
+    """GPUs a job of `command` asks for (see `resolve`), from its stage's declared GPU use (pipeline.Stage.gpu):
+    a params key (train: `train.gpus`) says how many; "one" (crop, evaluate) is one GPU when there is one;
     `train.gpus: 0` makes the whole pipeline a CPU one."""
-    if command not in GPU_COMMANDS:
+    stage = pipeline.STAGES.get(command)
+    use = stage.gpu if stage is not None else None
+    if use is None:
         return 0
-    if command == "train":
-        return resolve(params.train.gpus, budget, num_visible)
+    if use != "one":                                   # a params key, e.g. train.gpus
+        wanted = params
+        for part in use.split("."):
+            wanted = getattr(wanted, part)
+        return resolve(wanted, budget, num_visible, key=use)
     if params.train.gpus == 0:
         return 0
     return min(1, resolve("auto", budget, num_visible))

@@ -1,16 +1,46 @@
-"""The stage table: the one description of the DAG that both front ends are built from.
+"""The stage table: every stage of the DAG declared once, in `STAGES`; everything else is derived from it.
 
-`workflow/rules/*.smk` build Snakemake rules from `stage()` (inputs, outputs, params values, GPUs),
-and `dvc.yaml` is generated from `stages()` by `progan dvc-yaml` and committed; a test regenerates it
-and diffs, another compares the graphs that `snakemake` and `dvc dag` report.
+A `Stage` holds what the front ends, the CLI, tracking and the report need to know:
+  name     the command (`progan <name>`), the DVC stage (`<name>`, `<name>@<R>`) and the Snakemake rule ('-' -> '_')
+  module   where its `run(params, ...)` lives (and, optionally, `add_arguments(parser)` for extra flags)
+  help     its line in `progan --help`
+  per_res  one job per training resolution: `--res R`, the Snakemake wildcard {res}, a DVC `foreach` group
+  deps     the data it reads; `code`: the source files it runs (an edit re-runs it); both are its inputs
+  outs     what it writes, each an `Out` with its kind: plain, uncached (big, cheap to rebuild: DVC does not copy
+           it into its cache), metrics or plots (DVC), folder or file, attached to its MLflow run or not
+  params   the dotted params.yaml keys it reads (tests/test_params_read.py records what `run()` reads and checks
+           this list against it), so that editing a key re-runs exactly the stages that read it
+  gpu      None (CPU only), "one" (one GPU when there is one) or a params key ("train.gpus": as many as it says,
+           several = torchrun); progan.gpus turns it into the job's `gpu` resource and its lease
+  mlflow   the job name of the MLflow child run it logs into (train and evaluate of a stage share one), or None
+Paths and keys may hold placeholders, filled per job: {res} the job's resolution; {prev} the one before it (an
+entry with {prev} is left out of the 4 px job); {final} crop.size; {each} every training resolution (consecutive
+{each} entries are repeated together for 4, 8, ..., crop.size).
 
-Each stage lists as deps the source files it runs (so editing the training code re-runs training, and
-only training) and, as params, exactly the keys it reads (so editing `train.stages.64` re-runs stage 64
-and what follows, not stages 4-32). Nothing that varies between invocations (run ids, times, absolute
-paths) enters a command or a params list.
+Derived from STAGES (no second list anywhere):
+  Snakemake  workflow/rules/stages.smk: one rule per stage: inputs, outputs, params values, gpu resource, log, shell
+  DVC        dvc.yaml, written by `dvc_yaml` (see below)
+  CLI        progan.cli's stage commands (help, --res) and gpus.GPU_COMMANDS
+  tracking   which jobs log MLflow child runs, and the files a finished job attaches (`artifacts`)
+  report     the command that makes a missing input (`command`)
+
+Adding a stage touches three files: this one (a `Stage` in STAGES), its module (`run(params, ...)`, with
+`res` and `lease` arguments when it is per-resolution or uses a GPU) and paths.py (the names of its outputs); plus
+its tests. dvc.yaml follows by itself (see below; `progan dvc-yaml` rewrites it at once).
+
+dvc.yaml is generated, not a DVC template: DVC's templating (params.yaml as vars, `foreach` over train.stages,
+`${key}` / `${item}`) has no arithmetic and no nested interpolation (`${prev.${key}}` does not parse; a `foreach`
+item cannot refer to the previous item: treeverse/dvc#5167, #10627), so train@R cannot name the R/2 checkpoint and
+the report cannot list every stage's files. `dvc_yaml(params)` writes the stages of params.yaml's resolutions, and
+`sync_dvc_yaml` rewrites a generated dvc.yaml that no longer matches params.yaml: the Snakefile and every `progan`
+stage command call it, so after editing crop.size nothing needs regenerating by hand. Under `dvc repro` the first
+stage command that finds it stale rewrites it and stops with one line saying to run `dvc repro` again (DVC has
+already planned the run from the old file).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,183 +48,292 @@ import yaml
 
 from progan import paths
 
-# Source files each stage runs, relative to the repository root. Shared plumbing (cli, params, paths,
-# fileio, log) is left out on purpose: a change there would re-run the whole DAG.
-_MODEL = ["src/progan/model/layers.py", "src/progan/model/networks.py"]
-SOURCES: dict[str, list[str]] = {
-    "download": ["src/progan/data/download.py", "src/progan/data/archive.py"],
-    "crop": ["src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py"],
-    "pyramid": ["src/progan/data/pyramid.py"],
-    "train": _MODEL + ["src/progan/train/loop.py", "src/progan/train/loss.py", "src/progan/train/schedule.py",
-                       "src/progan/train/state.py", "src/progan/train/data.py", "src/progan/train/dist.py",
-                       "src/progan/train/nonfinite.py"],
-    "evaluate": _MODEL + ["src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/swd_reference.py",
-                          "src/progan/metrics/msssim.py"],
-    "report": _MODEL + ["src/progan/report/__init__.py", "src/progan/report/html.py", "src/progan/report/plots.py"],
-}
-
-# Params keys each stage reads (dotted, as DVC and `Params.get` take them).
-DATA_KEYS = ["data.source", "data.url", "data.sha256", "data.md5", "data.folder", "data.max_images",
-             "data.max_download_mb"]
-CROP_KEYS = ["crop.detector", "crop.size", "crop.min_confidence", "crop.min_face_px", "crop.margin",
-             "crop.min_input_px", "crop.min_kept_fraction", "crop.max_image_pixels"]
-TRAIN_KEYS = ["seed", "model", "crop.size", "train.gpus", "train.tick_kimg", "train.loss", "train.gp_weight",
-              "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps", "train.reset_opt_each_phase",
-              "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips", "train.deterministic",
-              "train.amp", "train.channels_last"]
-EVAL_KEYS = ["evaluate", "train.mirror_augment"]   # evaluation mirrors the reals when training did
-REPORT_KEYS = ["seed", "report", "crop.size"]
+RES, PREV, FINAL, EACH = "{res}", "{prev}", "{final}", "{each}"
+FIRST_RES = 4                      # the first training stage: it grows from nothing
+OUT_KINDS = ("plain", "uncached", "metrics", "plots")
 
 
-# How `dvc plots show` draws the report's TSV files.
-PLOT_AXES = {
-    paths.REPORT_SWD_PLOT: {"x": "res_px", "y": ["swd_avg", "swd_real_vs_real_avg"]},
-    paths.REPORT_LOSS_PLOT: {"x": "total_kimg", "y": ["d_loss", "g_loss"]},
-}
+@dataclass(frozen=True)
+class Out:
+    path: str
+    kind: str = "plain"            # plain | uncached | metrics | plots
+    folder: bool = False           # a directory (Snakemake `directory()`)
+    artifact: bool = True          # attached to the job's MLflow run when it finishes (when it has one)
+    plot: dict | None = None       # plots: the axes `dvc plots show` draws ({"x": column, "y": [columns]})
+
+    def __post_init__(self):
+        if self.kind not in OUT_KINDS:
+            raise ValueError(f"Out {self.path}: kind must be one of {OUT_KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str                      # rule / DVC stage name: download, crop, pyramid, train, evaluate, report
-    res: int | None                # resolution in px for per-stage jobs, else None
-    cmd: str
-    deps: list[str]                # data inputs (outputs of other stages or source data)
-    code: list[str]                # source files the stage runs
-    outs: list[str]
+    name: str
+    module: str
+    help: str
+    deps: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    outs: tuple[Out, ...] = ()
+    params: tuple[str, ...] = ()
+    per_res: bool = False
+    gpu: str | None = None
+    mlflow: str | None = None
+
+    @property
+    def rule(self) -> str:
+        """The Snakemake rule name (a Python identifier)."""
+        return self.name.replace("-", "_")
+
+    def command(self, res="{res}") -> str:
+        """The shell command of a job; `res` is its resolution, or a placeholder (Snakemake, DVC)."""
+        return f"progan {self.name}" + (f" --res {res}" if self.per_res else "") + " --params params.yaml"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of the DAG: a stage at one resolution (or the one job of a stage that is not per resolution)."""
+    stage: Stage
+    res: int | None
+    deps: list[str]
+    outs: list[Out]
     params: list[str]
-    metrics: list[str] = field(default_factory=list)
-    plots: list[str] = field(default_factory=list)
-    uncached: list[str] = field(default_factory=list)   # outs DVC should not copy into its cache (big data)
-    gpu: bool = False              # declares `resources: gpu=`
+    code: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
         """DVC's name for the job (`train@16` for foreach stages); Snakemake's is (rule, res)."""
-        return self.name if self.res is None else f"{self.name}@{self.res}"
+        return self.stage.name if self.res is None else f"{self.stage.name}@{self.res}"
+
+    @property
+    def cmd(self) -> str:
+        return self.stage.command(self.res)
+
+    @property
+    def out_paths(self) -> list[str]:
+        return [o.path for o in self.outs]
 
 
-def _cmd(name: str, res: int | None = None) -> str:
-    return f"progan {name}" + (f" --res {res}" if res is not None else "") + " --params params.yaml"
+# ---- the table ------------------------------------------------------------------------------------------------
+
+# Source files each stage runs, relative to the repository root. Shared plumbing (cli, params, paths, fileio, log,
+# errors, tracking) is left out on purpose: a change there would re-run the whole DAG.
+_MODEL = ("src/progan/model/layers.py", "src/progan/model/networks.py", "src/progan/checkpoint.py",
+          "src/progan/pictures.py")
+_TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.tick_kimg", "train.loss", "train.gp_weight",
+               "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps",
+               "train.reset_opt_each_phase", "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips",
+               "train.deterministic", "train.amp", "train.channels_last",
+               "report.grid_images")      # samples.png shows G_ema on that many latents
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("download", "progan.data.download", "fetch or list the source images (data.*) into data/raw/",
+          code=("src/progan/data/download.py", "src/progan/data/archive.py"),
+          outs=(Out(paths.IMAGES_LIST),),
+          params=("data.source", "data.url", "data.sha256", "data.md5", "data.folder", "data.max_images",
+                  "data.max_download_mb")),
+    Stage("crop", "progan.data.faces", "detect and crop one face per image (crop.*) into data/faces/",
+          deps=(paths.IMAGES_LIST,),
+          code=("src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py"),
+          outs=(Out(paths.FACES_DIR, "uncached", folder=True),),
+          params=("crop.detector", "crop.size", "crop.min_confidence", "crop.min_face_px", "crop.margin",
+                  "crop.min_input_px", "crop.min_kept_fraction", "crop.max_image_pixels", "crop.batch_images"),
+          gpu="one"),
+    Stage("pyramid", "progan.data.pyramid", "write data/pyramid/<res>.npy for every training resolution",
+          deps=(paths.FACES_DIR,),
+          code=("src/progan/data/pyramid.py",),
+          outs=(Out(paths.pyramid_level(EACH), "uncached"), Out(paths.PYRAMID_INFO)),
+          params=("crop.size", "pyramid.chunk_images")),
+    Stage("train", "progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)",
+          per_res=True, gpu="train.gpus", mlflow="train",
+          deps=(paths.checkpoint(PREV), paths.pyramid_level(RES)),
+          code=_MODEL + tuple(f"src/progan/train/{m}.py" for m in
+                              ("loop", "step", "nets", "loss", "nonfinite", "schedule", "state", "data", "dist")),
+          outs=(Out(paths.checkpoint(RES), artifact=False), Out(paths.losses_tsv(RES)), Out(paths.samples_png(RES)),
+                Out(paths.train_json(RES), "metrics")),
+          params=_TRAIN_KEYS + ("train.stages.{res}",)),
+    Stage("evaluate", "progan.evaluate", "SWD and MS-SSIM of one stage: results/<res>/eval.json (evaluate.*)",
+          per_res=True, gpu="one", mlflow="evaluate",
+          deps=(paths.checkpoint(RES), paths.pyramid_level(RES)),
+          code=_MODEL + ("src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/swd_reference.py",
+                         "src/progan/metrics/msssim.py"),
+          outs=(Out(paths.eval_json(RES), "metrics"),),
+          params=("evaluate", "train.mirror_augment")),      # the reals are mirrored when training's were
+    Stage("report", "progan.report", "one HTML page for the whole run: results/report/index.html",
+          deps=(paths.eval_json(EACH), paths.train_json(EACH), paths.losses_tsv(EACH), paths.samples_png(EACH),
+                paths.checkpoint(FINAL), paths.pyramid_level(FINAL)),
+          code=_MODEL + ("src/progan/api.py", "src/progan/report/__init__.py", "src/progan/report/html.py",
+                         "src/progan/report/plots.py"),
+          outs=(Out(paths.REPORT_HTML),
+                Out(paths.REPORT_SWD_PLOT, "plots", plot={"x": "res_px", "y": ["swd_avg", "swd_real_vs_real_avg"]}),
+                Out(paths.REPORT_LOSS_PLOT, "plots", plot={"x": "total_kimg", "y": ["d_loss", "g_loss"]})),
+          params=("seed", "report", "crop.size")),
+]}
 
 
-def stage(params, name: str, res: int | None = None) -> Stage:
-    size = int(params.crop.size)
+def gpu_stages() -> tuple[str, ...]:
+    return tuple(name for name, s in STAGES.items() if s.gpu)
+
+
+# ---- jobs -----------------------------------------------------------------------------------------------------
+
+def _fill(entries, resolutions, *, res=None, prev=None, final=None, path=lambda e: e, put=lambda e, p: p) -> list:
+    """The entries with their placeholders filled (see the module docstring); `path` reads an entry's template and
+    `put` makes the filled entry (for Out). An entry with {prev} is left out when prev is None."""
+    out, group = [], []
+
+    def fill(e, each=None):
+        text = path(e)
+        if RES in text and res is None:
+            raise ValueError(f"{text}: {RES} in a stage that is not per resolution")
+        return put(e, text.format(res=res, prev=prev, final=final, each=each))
+
+    def flush():
+        out.extend(fill(e, r) for r in resolutions for e in group)
+        group.clear()
+
+    for e in entries:
+        if EACH in path(e):
+            group.append(e)
+            continue
+        flush()
+        if PREV not in path(e) or prev is not None:
+            out.append(fill(e))
+    flush()
+    return out
+
+
+def _fill_outs(outs, resolutions, **tokens) -> list[Out]:
+    return _fill(outs, resolutions, path=lambda o: o.path, put=lambda o, p: dataclasses.replace(o, path=p), **tokens)
+
+
+def job(params, name: str, res: int | None = None) -> Job:
+    """The job of stage `name` at resolution `res` (None for a stage that is not per resolution)."""
+    s = STAGES[name]
+    if s.per_res != (res is not None):
+        raise ValueError(f"stage {name}: res={res!r}, but it is {'' if s.per_res else 'not '}per resolution")
     resolutions = params.resolutions
-    if name == "download":
-        return Stage(name, None, _cmd(name), [], SOURCES[name], [paths.IMAGES_LIST], list(DATA_KEYS))
-    if name == "crop":
-        return Stage(name, None, _cmd(name), [paths.IMAGES_LIST], SOURCES[name], [paths.FACES_DIR],
-                     list(CROP_KEYS) + ["crop.batch_images"], uncached=[paths.FACES_DIR], gpu=True)
-    if name == "pyramid":
-        outs = [paths.pyramid_level(r) for r in resolutions] + [paths.PYRAMID_INFO]
-        return Stage(name, None, _cmd(name), [paths.FACES_DIR], SOURCES[name], outs,
-                     ["crop.size", "pyramid.chunk_images"], uncached=outs[:-1])
-    if name == "train":
-        deps = ([paths.checkpoint(res // 2)] if res > 4 else []) + [paths.pyramid_level(res)]
-        outs = [paths.checkpoint(res), paths.losses_tsv(res), paths.samples_png(res)]
-        return Stage(name, res, _cmd(name, res), deps, SOURCES[name], outs,
-                     TRAIN_KEYS + [f"train.stages.{res}"], metrics=[paths.train_json(res)], gpu=True)
-    if name == "evaluate":
-        deps = [paths.checkpoint(res), paths.pyramid_level(res)]
-        return Stage(name, res, _cmd(name, res), deps, SOURCES[name], [], list(EVAL_KEYS),
-                     metrics=[paths.eval_json(res)], gpu=True)
-    if name == "report":
-        deps = [f for r in resolutions for f in (paths.eval_json(r), paths.train_json(r), paths.losses_tsv(r),
-                                                 paths.samples_png(r))]
-        deps += [paths.checkpoint(size), paths.pyramid_level(size)]
-        return Stage(name, None, _cmd(name), deps, SOURCES[name], [paths.REPORT_HTML], list(REPORT_KEYS),
-                     plots=[paths.REPORT_SWD_PLOT, paths.REPORT_LOSS_PLOT])
-    raise KeyError(f"no stage named {name!r}")
+    tokens = {"res": res, "prev": res // 2 if res is not None and res > FIRST_RES else None,
+              "final": resolutions[-1]}
+    return Job(s, res, _fill(s.deps, resolutions, **tokens), _fill_outs(s.outs, resolutions, **tokens),
+               _fill(s.params, resolutions, **tokens), list(s.code))
 
 
-def stages(params) -> list[Stage]:
-    """Every job of the DAG in a valid order."""
-    jobs = [stage(params, n) for n in ("download", "crop", "pyramid")]
-    for r in params.resolutions:
-        jobs.append(stage(params, "train", r))
-    for r in params.resolutions:
-        jobs.append(stage(params, "evaluate", r))
-    jobs.append(stage(params, "report"))
-    return jobs
+def jobs(params) -> list[Job]:
+    """Every job of the DAG, in a valid order (the table's, each per-resolution stage at 4, 8, ..., crop.size)."""
+    return [job(params, name, r) for name, s in STAGES.items()
+            for r in (params.resolutions if s.per_res else [None])]
 
 
 def edges(params) -> set[tuple[str, str]]:
     """(producer id, consumer id) pairs, derived from deps and outs (what both tools should report)."""
-    jobs = stages(params)
-    producer = {out: j.id for j in jobs for out in j.outs + j.metrics + j.plots}
-    return {(producer[d], j.id) for j in jobs for d in j.deps if d in producer}
+    all_jobs = jobs(params)
+    producer = {out: j.id for j in all_jobs for out in j.out_paths}
+    return {(producer[d], j.id) for j in all_jobs for d in j.deps if d in producer}
 
 
-# ---- dvc.yaml -------------------------------------------------------------------------------------
+def output_patterns(params, name: str, res_token: str = "{res}") -> list[Out]:
+    """The outputs of stage `name` with {res} left as `res_token` (Snakemake's wildcard, DVC's ${key})."""
+    s = STAGES[name]
+    return _fill_outs(s.outs, params.resolutions, res=res_token if s.per_res else None,
+                      final=params.resolutions[-1])
 
-def _dvc_entry(s: Stage) -> dict:
-    entry: dict = {"cmd": s.cmd}
-    if s.deps or s.code:
-        entry["deps"] = s.deps + s.code
-    if s.params:
-        entry["params"] = list(s.params)
-    outs = [({o: {"cache": False}} if o in s.uncached else o) for o in s.outs]
-    if outs:
-        entry["outs"] = outs
-    if s.metrics:
-        entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
-    if s.plots:
-        entry["plots"] = [{p: {"cache": False}} for p in s.plots]
+
+def command(name: str, res: int | None = None) -> str:
+    return STAGES[name].command(res)
+
+
+def artifacts(params, name: str, res: int | None = None) -> list[str]:
+    """The files a finished job attaches to its MLflow run."""
+    return [o.path for o in job(params, name, res).outs if o.artifact]
+
+
+def mlflow_jobs() -> tuple[str, ...]:
+    return tuple(s.mlflow for s in STAGES.values() if s.mlflow)
+
+
+# ---- dvc.yaml ---------------------------------------------------------------------------------------------------
+
+DVC_HEADER = ("# GENERATED from src/progan/pipeline.py and params.yaml: do not edit by hand. It follows params.yaml by\n"
+              "# itself (every `progan` stage command and the Snakefile rewrite it when crop.size changes the stages);\n"
+              "# `progan dvc-yaml` rewrites it at once.\n")
+
+
+def _dvc_entry(cmd: str, deps: list[str], params: list[str], outs: list[Out]) -> dict:
+    entry: dict = {"cmd": cmd}
+    if deps:
+        entry["deps"] = list(dict.fromkeys(deps))
+    if params:
+        entry["params"] = list(params)
+    sections: dict[str, list] = {"outs": [], "metrics": [], "plots": []}
+    for o in outs:
+        if o.kind == "plain":
+            sections["outs"].append(o.path)
+        else:                                      # uncached outs, metrics and plots stay out of DVC's cache
+            sections["outs" if o.kind == "uncached" else o.kind].append({o.path: {"cache": False}})
+    entry.update({k: v for k, v in sections.items() if v})
     return entry
 
 
-_SENTINEL = 1 << 20   # a resolution no real stage has: stands for DVC's ${key} in foreach templates
-
-
-def _foreach_template(params, name: str) -> tuple[dict, dict[str, dict]]:
-    """A DVC `foreach` group for a per-resolution stage: the `do` template and the items.
-
-    The one dep that differs between resolutions is the previous stage's checkpoint; it becomes
-    `${item.prev}`. Stage 4 has none, so its `prev` is its own pyramid level (listed twice; DVC
-    counts it once). Every expansion is checked against `stage()` so the template cannot drift.
-    """
-    tmpl = _dvc_entry(stage(params, name, _SENTINEL))
-    prev_path = paths.checkpoint(_SENTINEL // 2)
-
-    def sub(value):
-        if isinstance(value, dict):
-            return {sub(k): sub(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [sub(v) for v in value]
-        if value == prev_path:
-            return "${item.prev}"
-        return value.replace(str(_SENTINEL), "${key}") if isinstance(value, str) else value
-
-    do = sub(tmpl)
+def _foreach(params, s: Stage) -> dict:
+    """A DVC `foreach` group for per-resolution stage `s`: the `do` template and the items, keyed by resolution
+    (DVC names the jobs `train@16`). DVC cannot compute R/2, so a {prev} dep becomes `${item.prev}`, given per
+    item; the 4 px job, which has none, gets its first other dep there instead (DVC counts a dep once)."""
+    resolutions = params.resolutions
+    uses_prev = any(PREV in d for d in s.deps)
+    key = "${key}" if uses_prev else "${item}"
+    tokens = {"res": key, "prev": "", "final": resolutions[-1]}
+    deps = ["${{item.prev}}" if PREV in d else d for d in s.deps]      # the whole path: it differs at 4 px
+    do = _dvc_entry(s.command(key), _fill(deps, resolutions, **tokens) + list(s.code),
+                    _fill(s.params, resolutions, **tokens), _fill_outs(s.outs, resolutions, **tokens))
+    if not uses_prev:
+        return {"foreach": [str(r) for r in resolutions], "do": do}
     items = {}
-    for r in params.resolutions:
-        s = stage(params, name, r)
-        prev = paths.checkpoint(r // 2) if r > 4 else paths.pyramid_level(r)
-        items[str(r)] = {"prev": prev} if "${item.prev}" in do.get("deps", []) else {}
-        expanded = yaml.safe_load(yaml.safe_dump(do).replace("${key}", str(r)).replace("${item.prev}", prev))
-        want = _dvc_entry(s)
-        assert {k: v for k, v in expanded.items() if k != "deps"} == {k: v for k, v in want.items() if k != "deps"}
-        assert set(expanded.get("deps", [])) == set(want.get("deps", [])), (name, r)
-    if not any(items.values()):
-        items = list(items)  # a plain list of resolutions when no item data is needed
-    return do, items
+    for r in resolutions:
+        prev = _fill([d for d in s.deps if PREV in d], resolutions, res=r, prev=r // 2 if r > FIRST_RES else None,
+                     final=resolutions[-1])
+        items[str(r)] = {"prev": prev[0] if prev else job(params, s.name, r).deps[0]}
+    return {"foreach": items, "do": do}
 
 
 def dvc_yaml(params) -> str:
-    """dvc.yaml text. Per-resolution jobs are DVC `foreach` stages keyed by resolution (`train@16`)."""
+    """The text of dvc.yaml for `params`: every stage of the table, per-resolution ones as `foreach` groups."""
     doc: dict = {"stages": {}}
-    for s in stages(params):
-        if s.res is None:
-            doc["stages"][s.name] = _dvc_entry(s)
-        elif s.name not in doc["stages"]:
-            do, items = _foreach_template(params, s.name)
-            if isinstance(items, list):
-                do = yaml.safe_load(yaml.safe_dump(do).replace("${key}", "${item}"))
-            doc["stages"][s.name] = {"foreach": items, "do": do}
-    doc["plots"] = [{p: axes} for p, axes in PLOT_AXES.items()]
-    header = ("# GENERATED by `progan dvc-yaml` from src/progan/pipeline.py and params.yaml: do not edit by hand.\n"
-              "# Regenerate after changing crop.size or the stage table; tests/test_pipeline.py checks it.\n")
-    return header + yaml.safe_dump(doc, sort_keys=False, width=120)
+    for name, s in STAGES.items():
+        if s.per_res:
+            doc["stages"][name] = _foreach(params, s)
+        else:
+            j = job(params, name)
+            doc["stages"][name] = _dvc_entry(j.cmd, j.deps + j.code, j.params, j.outs)
+    doc["plots"] = [{o.path: o.plot} for j in jobs(params) for o in j.outs if o.plot]
+    return DVC_HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def is_generated(text: str) -> bool:
+    return text.startswith("# GENERATED ")
+
+
+def sync_dvc_yaml(params) -> bool:
+    """Rewrite dvc.yaml beside params.yaml when it was generated (our header) and no longer matches params.yaml;
+    True when it was rewritten. A dvc.yaml someone took over (no header), or none at all, is left alone."""
+    from progan.fileio import write_text
+    from progan.log import log
+
+    if Path(params.path).name != "params.yaml":      # DVC reads params.yaml: another file says nothing about it
+        return False
+    path = Path(params.root) / "dvc.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    if not is_generated(text):
+        return False
+    new = dvc_yaml(params)
+    if text == new:
+        return False
+    write_text(path, new)
+    log.info("dvc.yaml did not match params.yaml (crop.size %s: stages %s): rewrote it", params.crop.size,
+             ", ".join(map(str, params.resolutions)))
+    return True
 
 
 def run(params) -> None:
@@ -202,10 +341,15 @@ def run(params) -> None:
     from progan.fileio import write_text
     from progan.log import log
 
-    write_text("dvc.yaml", dvc_yaml(params))
-    log.info("wrote dvc.yaml (%d jobs)", len(stages(params)))
+    write_text(Path(params.root) / "dvc.yaml", dvc_yaml(params))
+    log.info("wrote dvc.yaml (%d jobs)", len(jobs(params)))
 
 
 def repo_root() -> Path:
     """The checkout that holds Snakefile and dvc.yaml (src/progan/pipeline.py -> ../../)."""
     return Path(__file__).resolve().parents[2]
+
+
+def under_dvc() -> bool:
+    """True inside a command `dvc repro` / `dvc exp run` runs (DVC sets DVC_STAGE for every stage command)."""
+    return bool(os.environ.get("DVC_STAGE"))

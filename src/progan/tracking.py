@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from progan import paths
+from progan import paths, pipeline
 from progan.fileio import read_json, sha256_file, write_json
 from progan.log import log
 
@@ -46,7 +46,7 @@ PARENT_ENV = "PROGAN_MLFLOW_PARENT_RUN_ID"
 PARENT_FILE = f"{paths.STATE_DIR}/mlflow_parent.json"
 LOCK_FILE = f"{paths.STATE_DIR}/mlflow.lock"
 STAGE_TAG = "progan.stage"
-JOBS = ("train", "evaluate")
+JOBS = pipeline.mlflow_jobs()     # the stages that log a child run (pipeline.STAGES: train, evaluate)
 _PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100                 # MLflow's log_batch takes at most 100 params / 1000 metrics per call
 _MAX_PARAM_CHARS = 6000      # MLflow's limit on a param value
@@ -355,12 +355,6 @@ class StageTracker:
         self._guard(lambda: [_retry(self._client.set_tag, self.run_id, k, str(v)) for k, v in tags.items()])
 
 
-def _stage_files(res: int, job: str) -> list[str]:
-    if job == "train":
-        return [paths.samples_png(res), paths.train_json(res), paths.losses_tsv(res)]
-    return [paths.eval_json(res)]
-
-
 def _open_stage(params, res: int, job: str) -> StageTracker:
     uri = tracking_uri(params)
     client = _client(uri, params.root)
@@ -385,7 +379,7 @@ def _close_stage(tracker: StageTracker, params, res: int, job: str, status: str)
     def close() -> None:
         root = Path(params.root)
         if status == "FINISHED":
-            for rel in _stage_files(res, job):
+            for rel in pipeline.artifacts(params, job, res):
                 if (root / rel).is_file():
                     _retry(tracker._client.log_artifact, tracker.run_id, str(root / rel))
             ckpt = root / paths.checkpoint(res)

@@ -1,11 +1,12 @@
-# Helpers shared by the rules: params (validated before any work), the stage table, GPU counts, MLflow.
+# Helpers shared by the rules: params (validated before any work), the rules' parts from the stage table
+# (src/progan/pipeline.py), GPU counts, MLflow.
 import functools
 import json
 import os
 
 from snakemake.exceptions import WorkflowError
 
-from progan import gpus, paths, pipeline, workspace
+from progan import gpus, log as progan_log, paths, pipeline, workspace
 from progan import params as progan_params
 from progan.errors import ProganError
 
@@ -20,6 +21,8 @@ if json.loads(json.dumps(config)) != PARAMS.to_dict():
     raise WorkflowError(
         "params.yaml is the only config: do not pass --config/--configfile; edit params.yaml instead"
     )
+progan_log.setup()
+pipeline.sync_dvc_yaml(PARAMS)  # a generated dvc.yaml follows params.yaml (crop.size sets its stages)
 
 
 def _gpu_budget():
@@ -60,37 +63,54 @@ def stage_gpus(name):
 
 def gpu_shell(name, per_res=False):
     """A GPU rule's command: tells the job what it asked for, so it can say when it got less."""
-    return f"{gpus.REQUEST_ENV}={{resources.gpu}} " + stage_shell(name, per_res)
+    return f"{gpus.REQUEST_ENV}={{resources.gpu}} " + pipeline.command(name, "{wildcards.res}" if per_res else None)
 
 
 def stage_code(name):
     """Source files a stage runs, as absolute paths into the checkout (inputs: edits re-run the stage)."""
-    return [str(REPO / f) for f in pipeline.SOURCES[name]]
+    return [str(REPO / f) for f in pipeline.STAGES[name].code]
 
 
-def stage_shell(name, per_res=False):
-    return pipeline.stage(PARAMS, name, 4 if per_res else None).cmd.replace("--res 4", "--res {wildcards.res}")
+def _job(stage, wildcards):
+    return pipeline.job(PARAMS, stage.name, int(wildcards.res) if stage.per_res else None)
 
 
-def stage_params(name):
-    return PARAMS.subset(pipeline.stage(PARAMS, name, 4 if name in ("train", "evaluate") else None).params)
-
-
-def res_params(name):
-    """Params values a per-resolution job reads, by wildcard (so only that stage's keys count)."""
+def stage_inputs(stage):
+    """The job's inputs by wildcard: {"data": what it reads, "code": the source files it runs}."""
 
     def get(wildcards):
-        return PARAMS.subset(pipeline.stage(PARAMS, name, int(wildcards.res)).params)
+        return {"data": _job(stage, wildcards).deps, "code": stage_code(stage.name)}
 
     return get
 
 
-def res_inputs(name):
+def stage_outputs(stage):
+    """The stage's outputs, with the wildcard {res} in those of a per-resolution stage; folders as directory()."""
+    return [directory(o.path) if o.folder else o.path for o in pipeline.output_patterns(PARAMS, stage.name)]
+
+
+def stage_params(stage):
+    """Params values the job reads, by wildcard (so only its own keys count: editing train.stages.64 re-runs
+    stage 64 and what follows)."""
+
     def get(wildcards):
-        s = pipeline.stage(PARAMS, name, int(wildcards.res))
-        return {"data": s.deps, "code": stage_code(name)}
+        return PARAMS.subset(_job(stage, wildcards).params)
 
     return get
+
+
+def stage_resources(stage):
+    return {"gpu": stage_gpus(stage.name)} if stage.gpu else {}
+
+
+def stage_log(stage):
+    return f"logs/{stage.name}" + ("_{res}" if stage.per_res else "") + ".log"
+
+
+def stage_shell(stage):
+    cmd = gpu_shell(stage.name, stage.per_res) if stage.gpu else pipeline.command(
+        stage.name, "{wildcards.res}" if stage.per_res else None)
+    return cmd + " 2>&1 | tee {log}"
 
 
 onstart:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from progan import paths, tracking
+from progan import paths, pipeline, tracking
 from progan.errors import ProganError
 from progan.fileio import write_text
 from progan.pictures import image_grid
@@ -47,8 +47,7 @@ class StageResult:
 
 
 def _make(res: int | None, job: str) -> str:
-    cmd = f"progan {job}" + (f" --res {res}" if res is not None else "") + " --params params.yaml"
-    return f"run `{cmd}` (or the whole pipeline: snakemake / dvc repro)"
+    return f"run `{pipeline.command(job, res)}` (or the whole pipeline: snakemake / dvc repro)"
 
 
 def _read(root: Path, rel: str, res: int | None, job: str) -> bytes:
@@ -255,5 +254,4 @@ def run(params) -> None:
     final_swd = ", ".join(f"{s.res_px}px {s.eval['swd']['swd_avg']:.3g}" for s in stages)
     log.info("report: wrote %s (%.1f MB); SWD avg x1e3 per stage: %s", paths.REPORT_HTML, len(page) / 1e6, final_swd)
     tracking.log_pipeline_summary(params, summary_metrics(stages),
-                                  [str(root / p) for p in (paths.REPORT_HTML, paths.REPORT_SWD_PLOT,
-                                                           paths.REPORT_LOSS_PLOT)])
+                                  [str(root / p) for p in pipeline.artifacts(params, "report")])

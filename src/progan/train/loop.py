@@ -282,7 +282,7 @@ def _stage_params(params, res: int) -> dict:
     change to another key (say evaluate.num_images) cannot change the checkpoint's bytes and re-run what follows."""
     from progan import pipeline
 
-    return params.subset(pipeline.stage(params, "train", res).params)
+    return params.subset(pipeline.job(params, "train", res).params)
 
 
 def _write_snapshot(path: Path, key: dict, nets: nets_mod.Nets, opt_G, opt_D, cur_nimg: int, sampler: data.Sampler,
