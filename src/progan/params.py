@@ -28,18 +28,28 @@ class ParamsError(ProganError):
 
 
 class Section(Mapping):
-    """Read-only view of a params mapping with attribute access; nested mappings are Sections too."""
+    """Read-only view of a params mapping with attribute access; nested mappings are Sections too.
 
-    __slots__ = ("_data", "_key")
+    `_reads`, when a set (Params.recording), collects the dotted key of every value read through it: a leaf by
+    item or attribute access, a whole section by `to_dict` (tests/test_params_read.py)."""
 
-    def __init__(self, data: Mapping[str, Any], key: str = ""):
+    __slots__ = ("_data", "_key", "_reads")
+
+    def __init__(self, data: Mapping[str, Any], key: str = "", reads: set | None = None):
         object.__setattr__(self, "_data", dict(data))
         object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_reads", reads)
+
+    def _record(self, key: str) -> None:
+        if self._reads is not None:
+            self._reads.add(key)
 
     def __getitem__(self, name: str) -> Any:
         value = self._data[name]
+        key = f"{self._key}.{name}" if self._key else str(name)
         if isinstance(value, Mapping):
-            return Section(value, f"{self._key}.{name}" if self._key else str(name))
+            return Section(value, key, self._reads)
+        self._record(key)
         if isinstance(value, list):
             return tuple(value)
         return value
@@ -63,6 +73,7 @@ class Section(Mapping):
         return f"Section({self._key or 'params'}: {self._data!r})"
 
     def to_dict(self) -> dict:
+        self._record(self._key)                     # the whole section ("" = all of params.yaml)
         return json.loads(json.dumps(self._data))
 
 
@@ -71,9 +82,17 @@ class Params(Section):
 
     __slots__ = ("path",)
 
-    def __init__(self, data: Mapping[str, Any], path: Path):
-        super().__init__(data)
+    def __init__(self, data: Mapping[str, Any], path: Path, reads: set | None = None):
+        super().__init__(data, "", reads)
         object.__setattr__(self, "path", path)
+
+    def recording(self) -> "Params":
+        """The same params, recording the dotted key of every value read from them in `.reads`."""
+        return Params(self._data, self.path, set())
+
+    @property
+    def reads(self) -> set[str]:
+        return set(self._reads or ())
 
     @property
     def root(self) -> Path:
@@ -88,6 +107,10 @@ class Params(Section):
         return self.train.stages[str(int(res))]
 
     def get(self, dotted: str, default=None):
+        """The value at a dotted key ("" = all of params.yaml, as a dict), else `default`."""
+        self._record(dotted)
+        if not dotted:
+            return self.to_dict()
         value: Any = self._data
         for part in dotted.split("."):
             if not isinstance(value, Mapping) or part not in value:
@@ -101,6 +124,7 @@ class Params(Section):
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of all params (tags MLflow runs)."""
+        self._record("")
         return hashlib.sha256(json.dumps(self._data, sort_keys=True).encode()).hexdigest()
 
 

@@ -9,7 +9,7 @@ A `Stage` holds what the front ends, the CLI, tracking and the report need to kn
   outs     what it writes, each an `Out` with its kind: plain, uncached (big, cheap to rebuild: DVC does not copy
            it into its cache), metrics or plots (DVC), folder or file, attached to its MLflow run or not
   params   the dotted params.yaml keys it reads (tests/test_params_read.py records what `run()` reads and checks
-           this list against it), so that editing a key re-runs exactly the stages that read it
+           this list against it), so that editing a key re-runs exactly the stages that read it; ALL_PARAMS: all
   gpu      None (CPU only), "one" (one GPU when there is one) or a params key ("train.gpus": as many as it says,
            several = torchrun); progan.gpus turns it into the job's `gpu` resource and its lease
   mlflow   the job name of the MLflow child run it logs into (train and evaluate of a stage share one), or None
@@ -49,6 +49,7 @@ import yaml
 from progan import paths
 
 RES, PREV, FINAL, EACH = "{res}", "{prev}", "{final}", "{each}"
+ALL_PARAMS = ""                    # as a params key: every key of params.yaml (DVC: `- params.yaml:`)
 FIRST_RES = 4                      # the first training stage: it grows from nothing
 OUT_KINDS = ("plain", "uncached", "metrics", "plots")
 
@@ -166,7 +167,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           outs=(Out(paths.REPORT_HTML),
                 Out(paths.REPORT_SWD_PLOT, "plots", plot={"x": "res_px", "y": ["swd_avg", "swd_real_vs_real_avg"]}),
                 Out(paths.REPORT_LOSS_PLOT, "plots", plot={"x": "total_kimg", "y": ["d_loss", "g_loss"]})),
-          params=("seed", "report", "crop.size")),
+          params=(ALL_PARAMS,)),      # the page shows every param of the run and their digest
 ]}
 
 
@@ -262,7 +263,9 @@ def _dvc_entry(cmd: str, deps: list[str], params: list[str], outs: list[Out]) ->
     entry: dict = {"cmd": cmd}
     if deps:
         entry["deps"] = list(dict.fromkeys(deps))
-    if params:
+    if ALL_PARAMS in params:
+        entry["params"] = [{"params.yaml": None}]
+    elif params:
         entry["params"] = list(params)
     sections: dict[str, list] = {"outs": [], "metrics": [], "plots": []}
     for o in outs:
