@@ -204,7 +204,7 @@ def test_dvc_repro_on_one_simulated_device(faces, tmp_path):
     """`dvc repro` runs each stage command by hand: each GPU stage leases the device on its own, once."""
     ws = _copy(faces, tmp_path / "ws")
     env = _env(tmp_path / "locks", "0")
-    _ok(_progan(ws, env, "dvc-yaml"))                                    # crop.size 8: the stages of this project
+    _ok(_progan(ws, env, "dvc-yaml"))      # crop.size 8: its stages (a stale dvc.yaml would stop the first repro)
     for args in (["init", "--no-scm", "-q"], ["repro", "evaluate@4"]):
         proc = subprocess.run(["dvc", *args], cwd=ws, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,8 +1,9 @@
 """`progan`: one subcommand per pipeline stage, plus tools around them. Thin: parse, load params, call.
 
-Every stage command takes `--params PATH` (default ./params.yaml), changes into the folder that holds
-it (the project root, where data/ and results/ live) and calls the stage's `run()`. Errors are one
-line on stderr and exit status 1; `--debug` shows the traceback.
+Every stage command (the stage table's, pipeline.STAGES) takes `--params PATH` (default ./params.yaml), changes
+into the folder that holds it (the project root, where data/ and results/ live), keeps a generated dvc.yaml there in
+step with params.yaml (pipeline.sync_dvc_yaml), takes the GPU lease of a GPU stage and calls the stage's `run()`.
+Errors are one line on stderr and exit status 1; `--debug` shows the traceback.
 """
 from __future__ import annotations
 
