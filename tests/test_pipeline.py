@@ -193,3 +193,22 @@ def test_the_dvc_template_is_plain_yaml():
         "prev": "results/4/checkpoint.pt"}
     assert train["do"]["deps"][:2] == ["${item.prev}", "data/pyramid/${key}.npy"]
     assert doc["stages"]["evaluate"]["foreach"] == ["4", "8", "16", "32", "64", "128"]
+
+
+def test_a_new_stage_is_one_entry(monkeypatch):
+    """What issue #14 adds (a per-resolution `fid-stats@<R>` stage on the GPU) is one Stage in the table: the jobs
+    and edges, dvc.yaml, the CLI command with --res and the GPU request follow (stages.smk loops over the table)."""
+    from progan import gpus, paths
+
+    new = pipeline.Stage("fid-stats", "progan.evaluate", "statistics of the reals at one resolution", per_res=True,
+                         gpu="one", deps=(paths.pyramid_level(pipeline.RES),), outs=(pipeline.Out("data/fid/{res}.npz"),),
+                         params=("evaluate.seed",))
+    monkeypatch.setitem(pipeline.STAGES, "fid-stats", new)
+    params = params_mod.load(REPO / "params.yaml")
+    assert [j.id for j in pipeline.jobs(params)][-6:] == [f"fid-stats@{r}" for r in params.resolutions]
+    assert ("pyramid", "fid-stats@16") in pipeline.edges(params)
+    group = yaml.safe_load(pipeline.dvc_yaml(params))["stages"]["fid-stats"]
+    assert group["foreach"] == ["4", "8", "16", "32", "64", "128"] and group["do"]["outs"] == ["data/fid/${item}.npz"]
+    sub = next(a for a in cli._parser()._actions if a.dest == "command")
+    assert any(a.dest == "res" for a in sub.choices["fid-stats"]._actions)
+    assert gpus.requested("fid-stats", params, None, 1) == 1 and new.rule == "fid_stats"
