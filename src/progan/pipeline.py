@@ -56,6 +56,9 @@ OUT_KINDS = ("plain", "uncached", "metrics", "plots")
 
 @dataclass(frozen=True)
 class Out:
+    """An output of a stage. Its `kind` is what DVC makes of it (`dvc exp show` lists the metrics files' keys: keep
+    metrics to what people compare, issue #16 part 2); a caption for Snakemake's report() belongs here too (part 3),
+    applied where stages.smk lists the outputs (common.smk `stage_outputs`)."""
     path: str
     kind: str = "plain"            # plain | uncached | metrics | plots
     folder: bool = False           # a directory (Snakemake `directory()`)
@@ -244,12 +247,18 @@ def command(name: str, res: int | None = None) -> str:
 
 
 def artifacts(params, name: str, res: int | None = None) -> list[str]:
-    """The files a finished job attaches to its MLflow run."""
+    """The files a finished job of stage `name` attaches to its MLflow run."""
     return [o.path for o in job(params, name, res).outs if o.artifact]
 
 
 def mlflow_jobs() -> tuple[str, ...]:
+    """The MLflow job names of the stages that log a child run (progan.tracking.stage_run's `job`)."""
     return tuple(s.mlflow for s in STAGES.values() if s.mlflow)
+
+
+def mlflow_artifacts(params, mlflow_job: str, res: int) -> list[str]:
+    """The files a finished MLflow job (`train`, `evaluate`) attaches to the stage's child run."""
+    return [p for name, s in STAGES.items() if s.mlflow == mlflow_job for p in artifacts(params, name, res)]
 
 
 # ---- dvc.yaml ---------------------------------------------------------------------------------------------------

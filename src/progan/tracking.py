@@ -379,7 +379,7 @@ def _close_stage(tracker: StageTracker, params, res: int, job: str, status: str)
     def close() -> None:
         root = Path(params.root)
         if status == "FINISHED":
-            for rel in pipeline.artifacts(params, job, res):
+            for rel in pipeline.mlflow_artifacts(params, job, res):
                 if (root / rel).is_file():
                     _retry(tracker._client.log_artifact, tracker.run_id, str(root / rel))
             ckpt = root / paths.checkpoint(res)
