@@ -75,36 +75,42 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
     seed = int(params.seed)
     sched = schedule.StageSchedule.from_params(params, res)          # batch, lr, transition / stabilize images
     adam = nets_mod.Adam.from_params(params, res)
-    gp_factor = penalty_resolution_factor(tp.gp_resolution, int(params.crop.size), res)   # penalty norm / this
+    gp_resolution = tp.gp_resolution                                 # dataset (official) | native
+    gp_factor = penalty_resolution_factor(gp_resolution, int(params.crop.size), res)   # penalty norm / this
     step_settings = step.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay, gp_factor)
     max_consecutive_skips = int(tp.max_consecutive_skips)           # skipped (non-finite) steps in a row: stop
     tick_nimg = max(int(round(tp.tick_kimg * 1000)), 1)              # a log line and a loss row every tick
     snapshot_nimg = max(int(round(tp.snapshot_kimg * 1000)), 1)      # a resume snapshot every this many images
     grid_images = int(params.report.grid_images)                     # samples.png: G_ema on this many latents
+    reset_opt_each_phase = bool(tp.reset_opt_each_phase)             # official reset_opt_for_new_lod
+    mirror = bool(tp.mirror_augment)                                 # random horizontal flips of the reals
+    prefetch = int(tp.prefetch)                                      # minibatches one thread reads ahead
+    data_on_device = tp.data_on_device                               # auto | true | false
+    deterministic, want_amp, want_channels_last = bool(tp.deterministic), bool(tp.amp), bool(tp.channels_last)
     resume_path = Path(paths.resume_dir(res)) / checkpoint.SNAPSHOT_NAME
 
     # Process: ranks and device, determinism (restored on the way out).
     env = dist.init(use_cuda)
     device = env.device
     cuda = device.type == "cuda"
-    amp = bool(tp.amp) and cuda                                      # bf16 autocast: CUDA only
-    channels_last = bool(tp.channels_last) and cuda
+    amp = want_amp and cuda                                          # bf16 autocast: CUDA only
+    channels_last = want_channels_last and cuda
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     deterministic_before = (torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
-    _configure_determinism(tp.deterministic, use_cuda)
+    _configure_determinism(deterministic, use_cuda)
     try:
         # Data: the pyramid level (memmap, or held on the device) and the seeded sampler.
         images = data.open_level(res)
-        sampler = data.Sampler(len(images), seed, res, tp.mirror_augment)
-        if data.keep_on_device(tp.data_on_device, images.nbytes, device):
+        sampler = data.Sampler(len(images), seed, res, mirror)
+        if data.keep_on_device(data_on_device, images.nbytes, device):
             try:
                 images = data.resident_level(images, device)
             except torch.cuda.OutOfMemoryError:
                 raise ProganError(f"train {res} px: the pyramid level ({images.nbytes / 2**30:.2f} GiB) does not fit "
                                   f"in {device} memory: set train.data_on_device: false in params.yaml") from None
             log.info("train %d px: pyramid level (%d images, %.2f GiB) held in %s memory (train.data_on_device %s)",
-                     res, len(images), images.nbytes / 2**30, device, tp.data_on_device)
+                     res, len(images), images.nbytes / 2**30, device, data_on_device)
         if sched.batch % env.world:
             raise ProganError(f"params.yaml: train.stages.{res}.batch {sched.batch} must be divisible by the "
                               f"{env.world} GPUs")
@@ -116,7 +122,7 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
             if channels_last:
                 net.to(memory_format=torch.channels_last)
         opt_G, opt_D = adam.make(nets.G), adam.make(nets.D)
-        if nets.prev is not None and not tp.reset_opt_each_phase:
+        if nets.prev is not None and not reset_opt_each_phase:
             nets_mod.carry_optimizer_state(nets, res, opt_G, opt_D)
         prev_total_kimg = float(nets.prev["total_kimg"]) if nets.prev else 0.0
 
@@ -152,7 +158,7 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
             log.info("train %d px on %s x%d: %.1f kimg (transition %.1f + stabilize %.1f), batch %d, lr %g, "
                      "penalty norm / %g (train.gp_resolution %s), from %s",
                      res, device.type, env.world, sched.total_nimg / 1000, sched.transition_nimg / 1000,
-                     sched.stabilize_nimg / 1000, sched.batch, sched.lr, gp_factor, tp.gp_resolution,
+                     sched.stabilize_nimg / 1000, sched.batch, sched.lr, gp_factor, gp_resolution,
                      paths.checkpoint(res // 2) if nets.prev else "scratch")
 
             # The loop: one iteration per global minibatch; cur_nimg = images shown in this stage so far.
@@ -164,11 +170,11 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
             stage_start_time = tick_start_time - seconds_before
             bar = None
             batches = data.Batches(images, sampler, sched.batch, start_nimg, sched.total_nimg, env.rank, env.world,
-                                   prefetch=int(tp.prefetch), pin_memory=cuda)
+                                   prefetch=prefetch, pin_memory=cuda)
             for cur_nimg, x_u8, flip in batches:
                 phase, alpha = schedule.phase(sched, cur_nimg), schedule.alpha(sched, cur_nimg)
                 prev_nimg = cur_nimg - sched.batch if cur_nimg else None        # the minibatch before, in the stage
-                if tp.reset_opt_each_phase and schedule.reset_optimizer(sched, prev_nimg, cur_nimg):
+                if reset_opt_each_phase and schedule.reset_optimizer(sched, prev_nimg, cur_nimg):
                     opt_G, opt_D = adam.make(nets.G), adam.make(nets.D)
                 if env.is_main and (bar is None or schedule.phase(sched, cur_nimg - sched.batch) != phase):
                     bar = _phase_bar(bar, sched, res, phase, cur_nimg)
