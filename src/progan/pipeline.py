@@ -158,8 +158,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evaluate", "progan.evaluate", "SWD and MS-SSIM of one stage: results/<res>/eval.json (evaluate.*)",
           per_res=True, gpu="one", mlflow="evaluate",
           deps=(paths.checkpoint(RES), paths.pyramid_level(RES)),
-          code=_MODEL + ("src/progan/evaluate.py", "src/progan/metrics/swd.py", "src/progan/metrics/swd_reference.py",
-                         "src/progan/metrics/msssim.py"),
+          code=_MODEL + ("src/progan/evaluate.py", *(f"src/progan/metrics/{m}.py" for m in (
+              "__init__", "registry", "swd", "swd_reference", "msssim", "fid", "inception", "real_stats"))),
           outs=(Out(paths.eval_json(RES), "metrics"),),
           params=("evaluate", "train.mirror_augment")),      # the reals are mirrored when training's were
     Stage("report", "progan.report", "one HTML page for the whole run: results/report/index.html",
