@@ -342,7 +342,12 @@ def sync_dvc_yaml(params) -> bool:
     new = dvc_yaml(params)
     if text == new:
         return False
-    write_text(path, new)
+    try:
+        write_text(path, new)
+    except OSError as e:
+        log.warning("dvc.yaml does not match params.yaml (crop.size %s) and cannot be rewritten here (%s): run "
+                    "`progan dvc-yaml` where it can", params.crop.size, e.strerror or e)
+        return False
     log.info("dvc.yaml did not match params.yaml (crop.size %s: stages %s): rewrote it", params.crop.size,
              ", ".join(map(str, params.resolutions)))
     return True
