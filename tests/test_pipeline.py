@@ -28,7 +28,7 @@ def test_every_params_key_and_source_file_exists():
     # every source file a stage runs is listed for it (shared plumbing aside): an edit re-runs the stages it changes
     listed = {f for s in pipeline.STAGES.values() for f in s.code}
     plumbing = {"__init__", "cli", "params", "paths", "fileio", "log", "errors", "tracking", "pipeline", "gpus",
-                "workspace", "demo", "generate", "model/__init__", "data/__init__", "train/__init__"}
+                "workspace", "demo", "generate", "presets", "model/__init__", "data/__init__", "train/__init__"}
     for f in (REPO / "src/progan").rglob("*.py"):
         rel = f.relative_to(REPO).as_posix()
         name = rel.removeprefix("src/progan/").removesuffix(".py")

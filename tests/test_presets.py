@@ -249,5 +249,5 @@ def test_init_writes_each_preset_and_both_front_ends_plan_its_dag(tmp_path):
         counts, dvc_stages = _plan(ws)
         n = len(p.resolutions)
         assert counts.get("train") == str(n) and counts.get("evaluate") == str(n), (name, counts)
-        assert dvc_stages == {j.id for j in pipeline.stages(p)}, name
+        assert dvc_stages == {j.id for j in pipeline.jobs(p)}, name
         assert f"train@{p.crop.size}" in dvc_stages and len(dvc_stages) == 4 + 2 * n
