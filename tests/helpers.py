@@ -127,6 +127,49 @@ def standin_inception(seed: int = 0, input_px: int = 32):
     return StandIn()
 
 
+def random_inception_weights(seed: int = 0) -> bytes:
+    """torch.save of torch-fidelity's real FeatureExtractorInceptionV3 state dict with random weights (the published
+    file cannot be downloaded in tests). The convolutions are He-normal, so that the features still vary with the
+    images after the ~90 layers (torch's default init shrinks them to ~1e-8: FID ~1e-15, KID 0 whatever the images)."""
+    import io
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from progan.metrics import inception
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = fe.FeatureExtractorInceptionV3("x", list(inception.FEATURES), feature_extractor_weights_path=empty)
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        if p.dim() == 4:
+            p.data = torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    return buf.getvalue()
+
+
+def pin_inception_weights(src: Path, data: bytes) -> None:
+    """Pin `data` in place of the published weights in a copy of the source tree (`src`/progan/metrics/inception.py;
+    make_workspace's copy): subprocesses run with PYTHONPATH=`src` then accept that file, and only that one."""
+    import hashlib
+
+    from progan.metrics import inception
+
+    path = src / "progan" / "metrics" / "inception.py"
+    text = path.read_text()
+    w = inception.WEIGHTS
+    for old, new in ((f'sha256="{w.sha256}"', f'sha256="{hashlib.sha256(data).hexdigest()}"'),
+                     (f"size_bytes={w.size_bytes:_}", f"size_bytes={len(data)}")):
+        assert text.count(old) == 1, (path, old)
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
 def celeba_faces(n: int, res: int, start: int = 0):
     """uint8 [n, res, res, 3]: real CelebA faces (a centre crop of the aligned images), box-downsampled."""
     import numpy as np

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import pickle
 import socket
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -39,17 +37,10 @@ def _closed_port_url() -> str:
 
 @pytest.fixture(scope="module")
 def random_weights() -> bytes:
-    """torch.save of torch-fidelity's FeatureExtractorInceptionV3 state dict with its default random init."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    """torch.save of torch-fidelity's FeatureExtractorInceptionV3 state dict with random weights."""
+    from helpers import random_inception_weights
 
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("x", list(inception.FEATURES), feature_extractor_weights_path=empty)
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getvalue()
+    return random_inception_weights()
 
 
 def _pin(monkeypatch, data: bytes, url: str) -> inception.WeightsFile:

@@ -21,6 +21,13 @@ from test_train import NO_MLFLOW, one_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+# Where the Inception weights are: the file is pinned by sha256 (metrics/inception.py, a code dep of both stages), so
+# every path gives the same network. Whether a file is there at all decides between numbers and none (a placeholder
+# stats file, no fid/kid/is in eval.json): that is no param, and the README says what to run when the weights arrive.
+_WEIGHTS_PATH = {
+    "evaluate.inception_weights": "where the pinned weights file is, not what is in it",
+    "evaluate.fid.cache_dir": "where the pinned weights file is fetched to",
+}
 # Keys a stage reads that cannot change its outputs (they change where, when or how fast, not what).
 NOT_OUTPUTS = {
     "*": {
@@ -33,7 +40,18 @@ NOT_OUTPUTS = {
         "train.prefetch": "how many minibatches a thread reads ahead; the same batches (test_train.py)",
         "train.data_on_device": "where the pyramid level is held; the same checkpoint (test_train.py)",
     },
-    "evaluate": {"crop.size": "only to check that --res is a training resolution"},
+    "evaluate": {
+        "crop.size": "only to check that --res is a training resolution",
+        **_WEIGHTS_PATH,
+    },
+    "fid-stats": {
+        "crop.size": "only to check that --res is a training resolution",
+        "evaluate.fid.min_res_px": "only to check that --res is one it runs at (it decides which fid-stats jobs "
+                                   "there are: pipeline.DAG_SHAPE_KEYS)",
+        "evaluate.fid.batch": "images per Inception forward: the same statistics whatever the batch "
+                              "(test_real_stats.py)",
+        **_WEIGHTS_PATH,
+    },
 }
 # Keys a stage declares that its run() does not read itself (none today). Note: train writes the values of all its
 # declared keys into the checkpoint ("params"), so for train this direction holds by construction.
@@ -76,6 +94,7 @@ def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch)
               for r in (4, 8)}
     common = dict(size_px=8, data__max_images=NUM_IMAGES, mlflow__tracking_uri=NO_MLFLOW, train__stages=stages,
                   train__tick_kimg=0.016, evaluate__num_images=16, evaluate__msssim_pairs=4, evaluate__batch=8,
+                  evaluate__fid__min_res_px=8,                  # a fid-stats@8 job (offline: its placeholder)
                   report__grid_images=4, report__interpolation_steps=3)
     url, sha256 = _archive(tmp_path)
     by_url = tiny_params(tmp_path / "url", data__source="url", data__url=url, data__sha256=sha256, **common)
@@ -94,6 +113,7 @@ def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch)
             _check(job.stage.name, set(job.params), reads)
             seen[job.id] = reads
     assert (tmp_path / "ws" / paths.REPORT_HTML).is_file() and set(seen) >= {j.id for j in pipeline.jobs(params)}
+    assert "fid-stats@8" in seen and (tmp_path / "ws" / paths.fid_stats(8)).is_file()
     # what this test is for: train's declaration before issue #21 (without report.grid_images) fails it
     before = set(pipeline.job(params, "train", 8).params) - {"report.grid_images"}
     with pytest.raises(AssertionError, match=r"train: reads \['report.grid_images'\] but does not declare them"):

@@ -42,8 +42,15 @@ def test_stage_params_are_per_resolution():
     assert not any(k.startswith("evaluate") for k in keys16)
     assert "report.grid_images" in keys16          # samples.png shows that many images (issue #21)
     assert {"crop.size", "train.gp_resolution", "train.max_consecutive_skips"} <= set(keys16)   # the penalty's f = size / R
-    # evaluation mirrors the reals when training did (official util_scripts.py evaluate_metrics)
-    assert pipeline.job(params, "evaluate", 16).params == ["evaluate", "train.mirror_augment"]
+    # evaluation mirrors the reals when training did (official util_scripts.py evaluate_metrics); where the
+    # Inception weights are is no param of any stage (they are pinned by sha256): moving them re-runs nothing
+    keys = pipeline.job(params, "evaluate", 16).params
+    assert keys[-1] == "train.mirror_augment" and "evaluate.fid.num_images" in keys and "evaluate.seed" in keys
+    every = ({f"evaluate.{k}" for k, v in params.evaluate.to_dict().items() if not isinstance(v, dict)}
+             | {f"evaluate.fid.{k}" for k in params.evaluate.fid})
+    assert {k for k in keys if k.startswith("evaluate.")} == every - {"evaluate.inception_weights",
+                                                                       "evaluate.fid.cache_dir"}
+    assert pipeline.job(params, "fid-stats", 32).params == ["evaluate.fid.max_reals"]
 
 
 def test_placeholders():
@@ -63,7 +70,7 @@ def test_placeholders():
 def test_cli_gpus_and_tracking_come_from_the_table():
     from progan import gpus, tracking
 
-    assert gpus.GPU_COMMANDS == ("crop", "train", "evaluate") and tracking.JOBS == ("train", "evaluate")
+    assert gpus.GPU_COMMANDS == ("crop", "fid-stats", "train", "evaluate") and tracking.JOBS == ("train", "evaluate")
     parser = cli._parser("train")
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, stage in pipeline.STAGES.items():
@@ -171,8 +178,8 @@ def test_stage_commands_rewrite_a_stale_dvc_yaml_and_stop_under_dvc(tmp_path, mo
     monkeypatch.setenv("DVC_STAGE", "download")
     assert cli.main(["download", "--params", str(ws / "params.yaml")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("progan download: error: dvc.yaml did not match params.yaml (its stages follow crop.size) and "
-                       "DVC had planned this run from the old one; it is rewritten now: run the same dvc command again")
+    assert err[-1] == ("progan download: error: dvc.yaml did not match params.yaml (its stages follow crop.size, "
+                       "evaluate.metrics, evaluate.fid.min_res_px) and DVC had planned this run from the old one; it is rewritten now: run the same dvc command again")
     assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params) and not (ws / "data").exists()
     (ws / "dvc.yaml").write_text(stale)
     monkeypatch.delenv("DVC_STAGE")
@@ -191,23 +198,67 @@ def test_the_dvc_template_is_plain_yaml():
     assert train["foreach"]["4"] == {"prev": "data/pyramid/4.npy"} and train["foreach"]["8"] == {
         "prev": "results/4/checkpoint.pt"}
     assert train["do"]["deps"][:2] == ["${item.prev}", "data/pyramid/${key}.npy"]
-    assert doc["stages"]["evaluate"]["foreach"] == ["4", "8", "16", "32", "64", "128"]
+    assert list(doc["stages"]["evaluate"]["foreach"]) == ["4", "8", "16", "32", "64", "128"]
+    assert doc["stages"]["report"]["params"] == [{"params.yaml": None}]
 
 
-def test_a_new_stage_is_one_entry(monkeypatch):
-    """What issue #14 adds (a per-resolution `fid-stats@<R>` stage on the GPU) is one Stage in the table: the jobs
-    and edges, dvc.yaml, the CLI command with --res and the GPU request follow (stages.smk loops over the table)."""
+def test_the_fid_stats_stage(tmp_path):
+    """Issue #14's `fid-stats@<R>` is one entry of the table: a GPU job per resolution >= evaluate.fid.min_res_px
+    (none when evaluate.metrics has no fid, kid or is), reading the pyramid level; evaluate@R depends on its file
+    there and only there; dvc.yaml, the CLI command with --res and the GPU request follow."""
     from progan import gpus, paths
 
-    new = pipeline.Stage("fid-stats", "progan.evaluate", "statistics of the reals at one resolution", per_res=True,
-                         gpu="one", deps=(paths.pyramid_level(pipeline.RES),), outs=(pipeline.Out("data/fid/{res}.npz"),),
-                         params=("evaluate.seed",))
-    monkeypatch.setitem(pipeline.STAGES, "fid-stats", new)
     params = params_mod.load(REPO / "params.yaml")
-    assert [j.id for j in pipeline.jobs(params)][-6:] == [f"fid-stats@{r}" for r in params.resolutions]
-    assert ("pyramid", "fid-stats@16") in pipeline.edges(params)
-    group = yaml.safe_load(pipeline.dvc_yaml(params))["stages"]["fid-stats"]
-    assert group["foreach"] == ["4", "8", "16", "32", "64", "128"] and group["do"]["outs"] == ["data/fid/${item}.npz"]
+    assert [j.id for j in pipeline.jobs(params) if j.stage.name == "fid-stats"] == [
+        "fid-stats@32", "fid-stats@64", "fid-stats@128"]
+    stats = pipeline.job(params, "fid-stats", 64)
+    assert stats.deps == [paths.pyramid_level(64)] and stats.out_paths == ["data/fid-stats/64.npz"]
+    assert stats.outs[0].kind == "uncached" and stats.cmd == "progan fid-stats --res 64 --params params.yaml"
+    assert paths.fid_stats(16) not in pipeline.job(params, "evaluate", 16).deps
+    assert pipeline.job(params, "evaluate", 32).deps[-2:] == [paths.PYRAMID_INFO, paths.fid_stats(32)]
+    edges = pipeline.edges(params)
+    assert {("pyramid", "fid-stats@32"), ("fid-stats@32", "evaluate@32")} <= edges
+    assert not {e for e in edges if e[0].startswith("fid-stats") and e[1] != e[0].replace("fid-stats", "evaluate")}
+    with pytest.raises(ValueError, match="no job at 16 px"):
+        pipeline.job(params, "fid-stats", 16)
+    doc = yaml.safe_load(pipeline.dvc_yaml(params))["stages"]
+    assert doc["fid-stats"]["foreach"] == ["32", "64", "128"]
+    assert doc["fid-stats"]["do"]["outs"] == [{"data/fid-stats/${item}.npz": {"cache": False}}]
+    assert doc["evaluate"]["foreach"]["16"] == {"fid_stats": "results/16/checkpoint.pt"}    # no file below 32 px
+    assert doc["evaluate"]["foreach"]["32"] == {"fid_stats": "data/fid-stats/32.npz"}
+    assert "${item.fid_stats}" in doc["evaluate"]["do"]["deps"]
     sub = next(a for a in cli._parser()._actions if a.dest == "command")
     assert any(a.dest == "res" for a in sub.choices["fid-stats"]._actions)
-    assert gpus.requested("fid-stats", params, None, 1) == 1 and new.rule == "fid_stats"
+    assert gpus.requested("fid-stats", params, None, 1) == 1 and pipeline.STAGES["fid-stats"].rule == "fid_stats"
+    # the keys that decide which jobs there are
+    for overrides, expected in [(dict(size_px=16), []), (dict(size_px=32, evaluate__fid__min_res_px=8), [8, 16, 32]),
+                                (dict(size_px=64, evaluate__metrics=["swd", "msssim"]), []),
+                                (dict(size_px=64, evaluate__metrics=["swd", "is"]), [32, 64])]:
+        p = params_mod.load(tiny_params(tmp_path / str(len(expected)) / str(overrides.get("size_px")), **overrides))
+        assert [j.res for j in pipeline.jobs(p) if j.stage.name == "fid-stats"] == expected, overrides
+        assert ("fid-stats" in yaml.safe_load(pipeline.dvc_yaml(p))["stages"]) == bool(expected)
+        assert all(paths.fid_stats(r) in pipeline.job(p, "evaluate", r).deps for r in expected)
+
+
+def test_a_dag_shape_key_rewrites_dvc_yaml(tmp_path, caplog):
+    """evaluate.fid.min_res_px decides which fid-stats jobs there are: editing it rewrites a generated dvc.yaml,
+    as editing crop.size does, and the line says what the DAG is now."""
+    import logging
+
+    path = tiny_params(tmp_path, size_px=32)
+    (tmp_path / "dvc.yaml").write_text(pipeline.dvc_yaml(params_mod.load(path)))
+    tiny_params(tmp_path, size_px=32, evaluate__fid__min_res_px=16)
+    params = params_mod.load(path)
+    with caplog.at_level(logging.INFO, logger="progan"):
+        assert pipeline.sync_dvc_yaml(params)
+    assert (tmp_path / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
+    assert "dvc.yaml did not match params.yaml (crop.size 32: stages 4, 8, 16, 32; fid-stats at 16, 32): rewrote it" \
+        in caplog.text
+
+
+def test_the_inception_metrics_are_the_registrys():
+    from progan.metrics import real_stats
+    from progan.metrics.registry import METRICS
+
+    assert pipeline.INCEPTION_METRICS == real_stats.INCEPTION_METRICS == tuple(m for m, v in METRICS.items()
+                                                                                if v.inception)

@@ -131,6 +131,9 @@ def test_without_weights_a_placeholder_is_written_and_scores_nothing(tmp_path, f
     assert meta["available"] is False and meta["reason"].startswith("Inception weights for fid/kid/is: X is missing")
     assert S.load_real_stats(path, settings(max_reals=100), RES, len(faces)) is None
     assert "X is missing" in caplog.text
+    assert (f"wrote {path} as a placeholder (no statistics: evaluate leaves fid/kid/is out); once the weights are "
+            f"there, `dvc repro --force --downstream fid-stats` or `snakemake --cores all --forcerun fid_stats` "
+            f"re-makes the statistics and re-runs the evaluations that use them") in caplog.text      # by hand: both
     with pytest.raises(inception.WeightsUnavailable, match="holds no statistics"):
         S.score(batches(faces), path, settings(max_reals=100), device="cpu")
 
@@ -166,3 +169,23 @@ def test_run_is_the_stage_entry(tmp_path, faces, net, monkeypatch):
     assert str(S.run(p, RES)) == paths.fid_stats(RES) and (tmp_path / paths.fid_stats(RES)).is_file()
     meta = S.read_meta(paths.fid_stats(RES))
     assert meta["num_reals"] == 100 and meta["num_level_images"] == N and meta["source"] == paths.pyramid_level(RES)
+
+
+def test_the_statistics_do_not_depend_on_the_batch(faces, net):
+    """evaluate.fid.batch is no param of fid-stats (images per forward: how fast, not what; test_params_read.py)."""
+    a = S.real_stats_from_level(faces, settings(batch=64), net, "cpu", RES)
+    b = S.real_stats_from_level(faces, settings(batch=17), net, "cpu", RES)
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6 * np.abs(a.features).max())
+    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-5)
+    np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-4, atol=1e-6 * np.abs(a.sigma).max())
+
+
+def test_the_fid_stats_settings_read_only_what_the_statistics_need(tmp_path):
+    from helpers import tiny_params
+    from progan import params as params_mod
+
+    p = params_mod.load(tiny_params(tmp_path, size_px=RES)).recording()
+    s = S.InceptionSettings.from_params(p, scoring=False)
+    assert p.reads == {"evaluate.fid.max_reals", "evaluate.fid.min_res_px", "evaluate.fid.batch",
+                       "evaluate.inception_weights", "evaluate.fid.cache_dir"}
+    assert s.num_images is None and s.seed is None and s.key(RES, 10) == S.InceptionSettings.from_params(p).key(RES, 10)

@@ -1,6 +1,12 @@
 """The DAG as users run it (issue #5): the full pipeline on ~200 real faces, downloaded from a local HTTP
 server, through real `snakemake` and real `dvc repro`, then the "only what changed" cases on both tools.
 
+The Inception metrics (issue #14): evaluate.fid.min_res_px 8 gives fid-stats@8 and fid-stats@16. The runs are
+offline (conftest), so those write placeholders and eval.json has no fid/kid; then the weights arrive (a random-
+weight file of the real network, pinned in the workspace's copy of src/, which the tools run through PYTHONPATH),
+nothing re-runs by itself, and the one command the README gives makes the statistics and the numbers, which land
+in eval.json, MLflow, the report and `dvc metrics show`.
+
 Which jobs ran is read from the outputs themselves (a job that runs rewrites its outputs atomically, so their
 mtime_ns changes); the tools' own plans are checked too (`snakemake -n`, `dvc status`).
 """
@@ -8,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
+import math
 import subprocess
 import threading
 import zipfile
@@ -19,7 +27,7 @@ import yaml
 from progan import params as params_mod, paths, pipeline
 
 from dag_checks import check_each_stage_resumed_from_the_one_before, check_first_mlflow_run, mlflow_runs
-from helpers import CELEBA_DIR, make_workspace, tiny_params, tool_env
+from helpers import CELEBA_DIR, make_workspace, pin_inception_weights, random_inception_weights, tiny_params, tool_env
 
 pytestmark = pytest.mark.slow
 NUM_IMAGES = 200
@@ -40,9 +48,21 @@ def image_server(tmp_path_factory):
     server.shutdown()
 
 
-def _workspace(tmp_path: Path, url: str) -> tuple[Path, object]:
+FID_KEY = "fid16"                  # evaluate.fid.num_images 16
+
+
+@pytest.fixture(scope="module")
+def inception_weights() -> bytes:
+    return random_inception_weights()
+
+
+def _workspace(tmp_path: Path, url: str, weights: bytes | None = None) -> tuple[Path, object]:
     ws = make_workspace(tmp_path / "ws")
-    tiny_params(ws, size_px=SIZE_PX, data__source="url", data__url=url, data__folder=None, data__max_images=None)
+    tiny_params(ws, size_px=SIZE_PX, data__source="url", data__url=url, data__folder=None, data__max_images=None,
+                evaluate__fid__min_res_px=8, evaluate__fid__num_images=16, evaluate__fid__max_reals=32,
+                evaluate__fid__batch=16)
+    if weights is not None:
+        pin_inception_weights(ws / "src", weights)
     params = params_mod.load(ws / "params.yaml")
     (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params))
     return ws, params
@@ -79,13 +99,18 @@ def _edit(ws: Path, dotted: str, value) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _env(ws: Path) -> dict:
+    """The tools' environment, running the workspace's copy of src/ (its pinned Inception weights)."""
+    return {**tool_env(), "PYTHONPATH": str(ws / "src")}
+
+
 def _snakemake(ws: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = ["snakemake", "--cores", "2", "-s", str(ws / "Snakefile"), "-d", str(ws), *args]
-    return subprocess.run(cmd, cwd=ws, env=tool_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ws, env=_env(ws), capture_output=True, text=True, timeout=600)
 
 
 def _dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=ws, env=tool_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(["dvc", *args], cwd=ws, env=_env(ws), capture_output=True, text=True, timeout=600)
 
 
 def _check(proc: subprocess.CompletedProcess) -> str:
@@ -94,14 +119,20 @@ def _check(proc: subprocess.CompletedProcess) -> str:
 
 
 RES = [4, 8, 16]
-ALL = {"download", "crop", "pyramid", "report"} | {f"{s}@{r}" for s in ("train", "evaluate") for r in RES}
+STATS = {"fid-stats@8", "fid-stats@16"}         # once per resolution >= evaluate.fid.min_res_px 8
+ALL = {"download", "crop", "pyramid", "report"} | {f"{s}@{r}" for s in ("train", "evaluate") for r in RES} | STATS
 TRAINS = {"train@4", "train@8", "train@16"}
 EVALS = {"evaluate@4", "evaluate@8", "evaluate@16"}
+WEIGHTS_AT = "weights/offline-copy.pth"         # evaluate.inception_weights (beside the workspace): not there yet
 CASES = [
     # (what to change, value, jobs Snakemake must run, jobs DVC must run)
     ("train.stages.16.stabilize_kimg", 0.2, {"train@16", "evaluate@16", "report"}, {"train@16", "evaluate@16", "report"}),
     ("crop.margin", 0.3, ALL - {"download"}, ALL - {"download"}),
     ("evaluate.num_images", 48, EVALS | {"report"}, EVALS | {"report"}),
+    ("evaluate.fid.max_reals", 24, STATS | EVALS | {"report"}, STATS | EVALS | {"report"}),
+    # where the weights are is no param of fid-stats or evaluate (they are pinned by sha256): pointing at another
+    # copy re-runs no evaluation, only the report (its page shows every param)
+    ("evaluate.inception_weights", WEIGHTS_AT, {"report"}, {"report"}),
     # A comment in the training code re-runs every training stage. Training is deterministic, so the
     # checkpoints come out bit-identical: DVC (content hashes) then skips the evaluations, Snakemake (mtimes)
     # re-runs them. The report reads train.json (wall-clock seconds) and re-runs under both.
@@ -111,6 +142,8 @@ CASES = [
 
 
 def _apply(ws: Path, what: str, value) -> None:
+    if what == "evaluate.inception_weights":
+        value = str(ws.parent / value)
     if what == "code":
         loop = ws / "src/progan/train/loop.py"
         loop.write_text(loop.read_text() + "\n# an edit to the training code\n")
@@ -130,9 +163,52 @@ def _check_reused_stages_are_linked(ws: Path, params) -> None:
     assert len(children) == len(RES) + 1
 
 
+AFTER_WEIGHTS = STATS | {"evaluate@8", "evaluate@16", "report"}   # not evaluate@4: below evaluate.fid.min_res_px
+
+
+def _weights_arrive(ws: Path, weights: bytes) -> None:
+    path = ws.parent / WEIGHTS_AT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(weights)
+
+
+def _check_offline(ws: Path) -> None:
+    """Offline: placeholders, eval.json without fid/kid, one note saying why; the README's command in the log."""
+    from progan.metrics import real_stats
+
+    for r in (8, 16):
+        assert real_stats.read_meta(ws / paths.fid_stats(r))["available"] is False
+        result = json.loads((ws / paths.eval_json(r)).read_text())
+        assert FID_KEY not in result and "swd_avg" in result["swd"]
+        assert result["notes"][0].startswith("fid, kid: not computed: ")
+    assert not (ws / paths.fid_stats(4)).exists()
+
+
+def _check_inception_numbers(ws: Path, params) -> dict:
+    """After the weights arrived and the README's command ran: fid/kid per stage >= 8 px from the fid-stats file in
+    eval.json, the stage's MLflow child and the parent's summary, the report's table and curves; a note below."""
+    results = {r: json.loads((ws / paths.eval_json(r)).read_text()) for r in RES}
+    for r in (8, 16):
+        ev = results[r]
+        assert math.isfinite(ev[FID_KEY]) and ev[FID_KEY] > 0 and math.isfinite(ev["kid16"]), ev
+        assert ev["inception"]["stats_file"] == paths.fid_stats(r) and ev["inception"]["num_reals"] == 24
+        assert ev["notes"] == []
+    assert FID_KEY not in results[4]
+    assert results[4]["notes"] == ["fid, kid: not computed at 4 px (below evaluate.fid.min_res_px 8)"]
+    _, parents, children = mlflow_runs(ws, params)
+    assert parents[-1].data.metrics[f"{FID_KEY}_r16"] == pytest.approx(results[16][FID_KEY])
+    assert parents[-1].data.metrics["kid16_r8"] == pytest.approx(results[8]["kid16"])
+    child16 = [c for c in children if c.data.tags["progan.stage"] == "16" and FID_KEY in c.data.metrics]
+    assert child16 and child16[-1].data.metrics[FID_KEY] == pytest.approx(results[16][FID_KEY])
+    page = (ws / paths.REPORT_HTML).read_text()
+    assert f"<th>{FID_KEY}</th><th>kid16</th>" in page and "FID, KID and IS per stage" in page
+    assert "4\u00d74: fid, kid: not computed at 4 px (below evaluate.fid.min_res_px 8)" in page
+    return results
+
+
 @pytest.mark.xdist_group("e2e_snakemake")
-def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
-    ws, params = _workspace(tmp_path, image_server)
+def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server, inception_weights):
+    ws, params = _workspace(tmp_path, image_server, inception_weights)
     before = _stamp(ws, params)
     _check(_snakemake(ws))
     after = _stamp(ws, params)
@@ -152,11 +228,21 @@ def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server):
             _check_reused_stages_are_linked(ws, params)
     plan = _check(_snakemake(ws, "-n"))
     assert "Nothing to be done" in plan
+    _check_offline(ws)
+    assert "once the weights are there, `snakemake --cores all --forcerun fid_stats` re-makes the statistics" in (
+        ws / "logs/fid-stats_16.log").read_text()
+    # the weights arrive: nothing re-runs by itself (where they are is no param); the README's command
+    _weights_arrive(ws, inception_weights)
+    assert "Nothing to be done" in _check(_snakemake(ws, "-n"))
+    _check(_snakemake(ws, "--forcerun", "fid_stats"))
+    before, after = after, _stamp(ws, params)
+    assert _ran(before, after) == AFTER_WEIGHTS
+    _check_inception_numbers(ws, params)
 
 
 @pytest.mark.xdist_group("e2e_dvc")
-def test_dvc_full_run_then_only_what_changed(tmp_path, image_server):
-    ws, params = _workspace(tmp_path, image_server)
+def test_dvc_full_run_then_only_what_changed(tmp_path, image_server, inception_weights):
+    ws, params = _workspace(tmp_path, image_server, inception_weights)
     _check(_dvc(ws, "init", "--no-scm", "-q"))
     before = _stamp(ws, params)
     _check(_dvc(ws, "repro"))
@@ -173,6 +259,18 @@ def test_dvc_full_run_then_only_what_changed(tmp_path, image_server):
     metrics = _check(_dvc(ws, "metrics", "show"))
     for r in RES:
         assert paths.eval_json(r) in metrics
+    _check_offline(ws)
+    # the weights arrive: nothing re-runs by itself (where they are is no param); the README's command
+    _weights_arrive(ws, inception_weights)
+    assert "Data and pipelines are up to date" in _check(_dvc(ws, "status"))
+    out = _check(_dvc(ws, "repro", "--force", "--downstream", "fid-stats"))
+    before, after = after, _stamp(ws, params)
+    assert _ran(before, after) == AFTER_WEIGHTS, out[-3000:]
+    results = _check_inception_numbers(ws, params)
+    shown = json.loads(_check(_dvc(ws, "metrics", "show", "--json")))
+    by_file = next(iter(shown.values()))["data"]
+    assert by_file[paths.eval_json(16)]["data"][FID_KEY] == pytest.approx(results[16][FID_KEY])
+    assert FID_KEY not in by_file[paths.eval_json(4)]["data"]
 
 
 # ---- issue #16: change crop.size, and both front ends just work -------------------------------------------------
@@ -216,7 +314,8 @@ def test_crop_size_edit_then_dvc_repro(tmp_path):
     _check(_dvc(ws, "init", "--no-scm", "-q"))
     first = _dvc(ws, "repro")
     assert first.returncode != 0
-    assert ("error: dvc.yaml did not match params.yaml (its stages follow crop.size) and DVC had planned this run "
+    assert ("error: dvc.yaml did not match params.yaml (its stages follow crop.size, evaluate.metrics, "
+            "evaluate.fid.min_res_px) and DVC had planned this run "
             "from the old one; it is rewritten now: run the same dvc command again") in first.stderr
     assert not (ws / "data").exists() and (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
     _check(_dvc(ws, "repro"))

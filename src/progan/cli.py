@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
             workspace.check_for_stage(params.root)
             if pipeline.sync_dvc_yaml(params) and pipeline.under_dvc():
-                raise ProganError("dvc.yaml did not match params.yaml (its stages follow crop.size) and DVC had "
-                                  "planned this run from the old one; it is rewritten now: run the same dvc command "
-                                  "again")
+                raise ProganError(f"dvc.yaml did not match params.yaml (its stages follow "
+                                  f"{', '.join(pipeline.DAG_SHAPE_KEYS)}) and DVC had planned this run from the old "
+                                  f"one; it is rewritten now: run the same dvc command again")
         module = importlib.import_module(args._module)
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "params", "debug", "_module")}
         if args.command in gpus.GPU_COMMANDS:

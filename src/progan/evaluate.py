@@ -22,6 +22,7 @@ Paper §5 / official `metrics/` (tkarras/progressive_growing_of_gans):
   data/fid-stats/<R>.npz when it matches these settings and this level, else computed here from the level.
   Only at R >= evaluate.fid.min_res_px; without the Inception weights (offline, no file) one line is logged,
   the other metrics are still written and these keys are absent; `notes` in eval.json says why.
+eval.json records the level it was computed against (`reals_sha256`, from data/pyramid/pyramid.json, a dep).
 At 4 and 8 px the SWD has one level (see metrics/swd.py) and MS-SSIM fewer scales (metrics/msssim.py).
 """
 from __future__ import annotations
@@ -163,25 +164,25 @@ def _level_sha256(res: int) -> str:
     return sha256_file(paths.pyramid_level(res))
 
 
-def _real_stats(res: int, reals, settings, net, device) -> tuple[stats_mod.RealStats, str | None]:
+def _real_stats(res: int, reals, settings, net, device, level_sha256: str) -> tuple[stats_mod.RealStats, str | None]:
     """(the reals' statistics, the file they came from or None): data/fid-stats/<res>.npz when it belongs to these
     settings and this level, else computed here (the file is the fid-stats stage's to write)."""
     path = paths.fid_stats(res)
     if Path(path).is_file():
         try:
-            stats = stats_mod.load_real_stats(path, settings, res, len(reals), _level_sha256(res))
+            stats = stats_mod.load_real_stats(path, settings, res, len(reals), level_sha256)
             if stats is not None:
                 log.info("evaluate %dpx: reals' Inception statistics from %s (%d reals)", res, path, len(stats.features))
                 return stats, path
-            log.info("evaluate %dpx: %s is a placeholder (made without weights); computing the reals' statistics "
-                     "here", res, path)
+            log.warning("evaluate %dpx: %s is a placeholder (made without the weights); computing the reals' "
+                        "statistics here, for this evaluation only; %s", res, path, stats_mod.after_weights())
         except stats_mod.StaleStats as e:
             log.warning("evaluate %dpx: %s; computing the reals' statistics here instead", res, e)
     stats = stats_mod.real_stats_from_level(reals, settings, net, device, res, paths.pyramid_level(res))
     return stats, None
 
 
-def _inception_inputs(params, res: int, reals, names: list[str], device):
+def _inception_inputs(params, res: int, reals, names: list[str], device, level_sha256: str):
     """(settings, net, real stats, stats file or None) for the Inception metrics `names`, or a note
     (str) saying why they are not computed at this stage."""
     settings = stats_mod.InceptionSettings.from_params(params)
@@ -193,7 +194,7 @@ def _inception_inputs(params, res: int, reals, names: list[str], device):
     except inception.WeightsUnavailable as e:
         log.warning("evaluate %dpx: %s; %s not computed, the other metrics still are", res, e, what)
         return f"{what}: not computed: {e}"
-    stats, stats_file = _real_stats(res, reals, settings, net, device)
+    stats, stats_file = _real_stats(res, reals, settings, net, device, level_sha256)
     return settings, net, stats, stats_file
 
 
@@ -224,7 +225,8 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
     batch, seed = int(ev.batch), int(ev.seed)
     notes: list[str] = []
     wanted = [m for m in selected if METRICS[m].inception]
-    got = _inception_inputs(params, res, reals, wanted, device) if wanted else None
+    reals_sha256 = _level_sha256(res)            # recorded; checks the reals' statistics file against the level
+    got = _inception_inputs(params, res, reals, wanted, device, reals_sha256) if wanted else None
     if isinstance(got, str):
         notes.append(got)
         wanted, got = [], None
@@ -253,7 +255,8 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
     ctx.fakes = fakes = None
 
     result = {"res_px": res, "num_images": n, "num_images_requested": int(ev.num_images),
-              "num_reals_available": int(len(reals)), "metrics": selected, "notes": notes,
+              "num_reals_available": int(len(reals)), "reals_sha256": reals_sha256, "metrics": selected,
+              "notes": notes,
               "reals_mirrored": mirrored,           # train.mirror_augment: a seeded random half mirrored (official)
               "reals_mirrored_count": int(flip[perm[:n]].sum()) if mirrored else 0,
               "reals_mirrored_metrics": [m for m in MIRRORED_METRICS if m in selected] if mirrored else []}

@@ -5,7 +5,12 @@ A `Stage` holds what the front ends, the CLI, tracking and the report need to kn
   module   where its `run(params, ...)` lives (and, optionally, `add_arguments(parser)` for extra flags)
   help     its line in `progan --help`
   per_res  one job per training resolution: `--res R`, the Snakemake wildcard {res}, a DVC `foreach` group
-  deps     the data it reads; `code`: the source files it runs (an edit re-runs it); both are its inputs
+  at       for a per-resolution stage that runs at only some of them: a function of params giving those (fid-stats:
+           the resolutions >= evaluate.fid.min_res_px, none when evaluate.metrics has no fid, kid or is); the keys
+           it reads are DAG_SHAPE_KEYS
+  deps     the data it reads; `code`: the source files it runs (an edit re-runs it); both are its inputs. A dep
+           wrapped in `IfMade` is one only where a job of the table makes it (evaluate@R reads the reals'
+           statistics where fid-stats@R runs)
   outs     what it writes, each an `Out` with its kind: plain, uncached (big, cheap to rebuild: DVC does not copy
            it into its cache), metrics or plots (DVC), folder or file, attached to its MLflow run or not
   params   the dotted params.yaml keys it reads (tests/test_params_read.py records what `run()` reads and checks
@@ -33,9 +38,9 @@ dvc.yaml is generated, not a DVC template: DVC's templating (params.yaml as vars
 item cannot refer to the previous item: treeverse/dvc#5167, #10627), so train@R cannot name the R/2 checkpoint and
 the report cannot list every stage's files. `dvc_yaml(params)` writes the stages of params.yaml's resolutions, and
 `sync_dvc_yaml` rewrites a generated dvc.yaml that no longer matches params.yaml: the Snakefile and every `progan`
-stage command call it, so after editing crop.size nothing needs regenerating by hand. Under `dvc repro` the first
-stage command that finds it stale rewrites it and stops with one line saying to run `dvc repro` again (DVC has
-already planned the run from the old file).
+stage command call it, so after editing crop.size (or another of DAG_SHAPE_KEYS) nothing needs regenerating by
+hand. Under `dvc repro` the first stage command that finds it stale rewrites it and stops with one line saying to
+run `dvc repro` again (DVC has already planned the run from the old file).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -52,6 +58,8 @@ RES, PREV, FINAL, EACH = "{res}", "{prev}", "{final}", "{each}"
 ALL_PARAMS = ""                    # as a params key: every key of params.yaml (DVC: `- params.yaml:`)
 FIRST_RES = 4                      # the first training stage: it grows from nothing
 OUT_KINDS = ("plain", "uncached", "metrics", "plots")
+# The params that decide which jobs the DAG has (not what a job computes): a change rewrites dvc.yaml.
+DAG_SHAPE_KEYS = ("crop.size", "evaluate.metrics", "evaluate.fid.min_res_px")
 
 
 @dataclass(frozen=True)
@@ -71,17 +79,34 @@ class Out:
 
 
 @dataclass(frozen=True)
+class IfMade:
+    """A dep that a job has only where some job of the table makes it (evaluate@R's data/fid-stats/R.npz: only where
+    fid-stats@R runs). DVC gets it per item of the foreach group (`${item.<producer's rule>}`)."""
+    path: str
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     module: str
     help: str
-    deps: tuple[str, ...] = ()
+    deps: tuple[str | IfMade, ...] = ()
     code: tuple[str, ...] = ()
     outs: tuple[Out, ...] = ()
     params: tuple[str, ...] = ()
     per_res: bool = False
+    at: Callable[[object], list[int]] | None = None     # per_res: the resolutions it runs at (None: all of them)
     gpu: str | None = None
     mlflow: str | None = None
+
+    def resolutions(self, params) -> list[int]:
+        """The resolutions this per-resolution stage has a job at (a subset of params.resolutions, in order)."""
+        if not self.per_res:
+            raise ValueError(f"stage {self.name} is not per resolution")
+        if self.at is None:
+            return list(params.resolutions)
+        chosen = set(self.at(params))
+        return [r for r in params.resolutions if r in chosen]
 
     @property
     def rule(self) -> str:
@@ -129,6 +154,24 @@ _TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.tick_kimg", "t
                "train.deterministic", "train.amp", "train.channels_last",
                "report.grid_images")      # samples.png shows G_ema on that many latents
 
+_INCEPTION = tuple(f"src/progan/metrics/{m}.py" for m in ("__init__", "inception", "fid", "real_stats"))
+# evaluate.* but the two keys that say where the Inception weights are: the file is pinned by sha256 (a code dep,
+# metrics/inception.py), so moving it re-runs nothing (README: what to run when the weights arrive after a run
+# made without them).
+_EVALUATE_KEYS = tuple(f"evaluate.{k}" for k in (
+    "num_images", "swd_descriptors_per_image", "swd_directions", "swd_repeats", "msssim_pairs", "batch", "seed",
+    "metrics", "fid.num_images", "fid.max_reals", "fid.min_res_px", "fid.batch", "fid.kid_subsets",
+    "fid.kid_subset_size", "fid.is_splits"))
+INCEPTION_METRICS = ("fid", "kid", "is")        # the metrics that need the reals' statistics (metrics/registry.py)
+
+
+def _inception_resolutions(params) -> list[int]:
+    """fid-stats runs at the resolutions >= evaluate.fid.min_res_px, when evaluate.metrics has fid, kid or is."""
+    if not set(params.evaluate.metrics) & set(INCEPTION_METRICS):
+        return []
+    return [r for r in params.resolutions if r >= int(params.evaluate.fid.min_res_px)]
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("download", "progan.data.download", "fetch or list the source images (data.*) into data/raw/",
           code=("src/progan/data/download.py", "src/progan/data/archive.py"),
@@ -147,6 +190,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           code=("src/progan/data/pyramid.py",),
           outs=(Out(paths.pyramid_level(EACH), "uncached"), Out(paths.PYRAMID_INFO)),
           params=("crop.size", "pyramid.chunk_images")),
+    Stage("fid-stats", "progan.metrics.real_stats",
+          "the reals' Inception statistics of one pyramid level (FID, KID, IS): data/fid-stats/<res>.npz",
+          per_res=True, at=_inception_resolutions, gpu="one",
+          deps=(paths.pyramid_level(RES),),
+          code=_INCEPTION,
+          outs=(Out(paths.fid_stats(RES), "uncached"),),        # up to ~410 MB at 50,000 reals: rebuilt, not cached
+          params=("evaluate.fid.max_reals",)),                 # which reals; the rest of the file is code (the pin)
     Stage("train", "progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)",
           per_res=True, gpu="train.gpus", mlflow="train",
           deps=(paths.checkpoint(PREV), paths.pyramid_level(RES)),
@@ -155,13 +205,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           outs=(Out(paths.checkpoint(RES), artifact=False), Out(paths.losses_tsv(RES)), Out(paths.samples_png(RES)),
                 Out(paths.train_json(RES), "metrics")),
           params=_TRAIN_KEYS + ("train.stages.{res}",)),
-    Stage("evaluate", "progan.evaluate", "SWD and MS-SSIM of one stage: results/<res>/eval.json (evaluate.*)",
+    Stage("evaluate", "progan.evaluate",
+          "the metrics of one stage (evaluate.metrics: SWD, MS-SSIM, FID, KID, IS): results/<res>/eval.json",
           per_res=True, gpu="one", mlflow="evaluate",
-          deps=(paths.checkpoint(RES), paths.pyramid_level(RES)),
+          deps=(paths.checkpoint(RES), paths.pyramid_level(RES),
+                paths.PYRAMID_INFO,                            # the level's sha256 (eval.json; checks the stats file)
+                IfMade(paths.fid_stats(RES))),
           code=_MODEL + ("src/progan/evaluate.py", *(f"src/progan/metrics/{m}.py" for m in (
-              "__init__", "registry", "swd", "swd_reference", "msssim", "fid", "inception", "real_stats"))),
+              "registry", "swd", "swd_reference", "msssim"))) + _INCEPTION,
           outs=(Out(paths.eval_json(RES), "metrics"),),
-          params=("evaluate", "train.mirror_augment")),      # the reals are mirrored when training's were
+          params=_EVALUATE_KEYS + ("train.mirror_augment",)),  # the reals are mirrored when training's were
     Stage("report", "progan.report", "one HTML page for the whole run: results/report/index.html",
           deps=(paths.eval_json(EACH), paths.train_json(EACH), paths.losses_tsv(EACH), paths.samples_png(EACH),
                 paths.checkpoint(FINAL), paths.pyramid_level(FINAL)),
@@ -210,22 +263,47 @@ def _fill_outs(outs, resolutions, **tokens) -> list[Out]:
     return _fill(outs, resolutions, path=lambda o: o.path, put=lambda o, p: dataclasses.replace(o, path=p), **tokens)
 
 
+def _dep_path(d) -> str:
+    return d.path if isinstance(d, IfMade) else d
+
+
+def _made(params) -> set[str]:
+    """Every path a job of the table writes (outs only: no job's deps are needed for it)."""
+    resolutions = params.resolutions
+    made = set()
+    for s in STAGES.values():
+        for r in (s.resolutions(params) if s.per_res else [None]):
+            made.update(o.path for o in _fill_outs(s.outs, resolutions, **_tokens(resolutions, r)))
+    return made
+
+
+def _tokens(resolutions, res):
+    return {"res": res, "prev": res // 2 if res is not None and res > FIRST_RES else None, "final": resolutions[-1]}
+
+
 def job(params, name: str, res: int | None = None) -> Job:
     """The job of stage `name` at resolution `res` (None for a stage that is not per resolution)."""
     s = STAGES[name]
     if s.per_res != (res is not None):
         raise ValueError(f"stage {name}: res={res!r}, but it is {'' if s.per_res else 'not '}per resolution")
+    if s.per_res and res not in s.resolutions(params):
+        raise ValueError(f"stage {name} has no job at {res} px (it runs at {s.resolutions(params)})")
     resolutions = params.resolutions
-    tokens = {"res": res, "prev": res // 2 if res is not None and res > FIRST_RES else None,
-              "final": resolutions[-1]}
-    return Job(s, res, _fill(s.deps, resolutions, **tokens), _fill_outs(s.outs, resolutions, **tokens),
-               _fill(s.params, resolutions, **tokens), list(s.code))
+    tokens = _tokens(resolutions, res)
+    deps = _fill(s.deps, resolutions, path=_dep_path, put=lambda d, p: IfMade(p) if isinstance(d, IfMade) else p,
+                 **tokens)
+    if any(isinstance(d, IfMade) for d in deps):
+        made = _made(params)
+        deps = [_dep_path(d) for d in deps if not isinstance(d, IfMade) or d.path in made]
+    return Job(s, res, deps, _fill_outs(s.outs, resolutions, **tokens), _fill(s.params, resolutions, **tokens),
+               list(s.code))
 
 
 def jobs(params) -> list[Job]:
-    """Every job of the DAG, in a valid order (the table's, each per-resolution stage at 4, 8, ..., crop.size)."""
+    """Every job of the DAG, in a valid order (the table's, each per-resolution stage at its resolutions in order:
+    4, 8, ..., crop.size, or those of `Stage.at`)."""
     return [job(params, name, r) for name, s in STAGES.items()
-            for r in (params.resolutions if s.per_res else [None])]
+            for r in (s.resolutions(params) if s.per_res else [None])]
 
 
 def edges(params) -> set[tuple[str, str]]:
@@ -264,8 +342,8 @@ def mlflow_artifacts(params, mlflow_job: str, res: int) -> list[str]:
 # ---- dvc.yaml ---------------------------------------------------------------------------------------------------
 
 DVC_HEADER = ("# GENERATED from src/progan/pipeline.py and params.yaml: do not edit by hand. It follows params.yaml by\n"
-              "# itself (every `progan` stage command and the Snakefile rewrite it when crop.size changes the stages);\n"
-              "# `progan dvc-yaml` rewrites it at once.\n")
+              "# itself (every `progan` stage command and the Snakefile rewrite it when crop.size, evaluate.metrics or\n"
+              "# evaluate.fid.min_res_px change the stages); `progan dvc-yaml` rewrites it at once.\n")
 
 
 def _dvc_entry(cmd: str, deps: list[str], params: list[str], outs: list[Out]) -> dict:
@@ -286,24 +364,39 @@ def _dvc_entry(cmd: str, deps: list[str], params: list[str], outs: list[Out]) ->
     return entry
 
 
+def _producer(template: str) -> Stage:
+    """The per-resolution stage whose output pattern is `template` (an IfMade dep's)."""
+    for s in STAGES.values():
+        if s.per_res and template in (o.path for o in s.outs):
+            return s
+    raise ValueError(f"IfMade({template!r}): no per-resolution stage writes it")
+
+
 def _foreach(params, s: Stage) -> dict:
     """A DVC `foreach` group for per-resolution stage `s`: the `do` template and the items, keyed by resolution
-    (DVC names the jobs `train@16`). DVC cannot compute R/2, so a {prev} dep becomes `${item.prev}`, given per
-    item; the 4 px job, which has none, gets its first other dep there instead (DVC counts a dep once)."""
-    resolutions = params.resolutions
-    uses_prev = any(PREV in d for d in s.deps)
-    key = "${key}" if uses_prev else "${item}"
+    (DVC names the jobs `train@16`). DVC cannot compute R/2, nor leave a dep out of one item, so a dep that varies
+    between items (a {prev} dep, an IfMade one) becomes `${item.<name>}`, given per item (`prev`; an IfMade dep: the
+    rule name of the stage that makes it); an item without it (the 4 px job, evaluate@R below
+    evaluate.fid.min_res_px) gets its first other dep there instead (DVC counts a dep once)."""
+    resolutions, own = params.resolutions, s.resolutions(params)
+    varying = {d: ("prev" if PREV in _dep_path(d) else _producer(_dep_path(d)).rule)
+               for d in s.deps if PREV in _dep_path(d) or isinstance(d, IfMade)}
+    key = "${key}" if varying else "${item}"
     tokens = {"res": key, "prev": "", "final": resolutions[-1]}
-    deps = ["${{item.prev}}" if PREV in d else d for d in s.deps]      # the whole path: it differs at 4 px
+    deps = ["${{item." + varying[d] + "}}" if d in varying else d for d in s.deps]  # whole paths: differ per item
     do = _dvc_entry(s.command(key), _fill(deps, resolutions, **tokens) + list(s.code),
                     _fill(s.params, resolutions, **tokens), _fill_outs(s.outs, resolutions, **tokens))
-    if not uses_prev:
-        return {"foreach": [str(r) for r in resolutions], "do": do}
+    if not varying:
+        return {"foreach": [str(r) for r in own], "do": do}
     items = {}
-    for r in resolutions:
-        prev = _fill([d for d in s.deps if PREV in d], resolutions, res=r, prev=r // 2 if r > FIRST_RES else None,
-                     final=resolutions[-1])
-        items[str(r)] = {"prev": prev[0] if prev else job(params, s.name, r).deps[0]}
+    for r in own:
+        j = job(params, s.name, r)
+        tokens_r = _tokens(resolutions, r)
+        item = {}
+        for d, name in varying.items():
+            path = _fill([d], resolutions, path=_dep_path, put=lambda e, p: p, **tokens_r)
+            item[name] = path[0] if path and path[0] in j.deps else j.deps[0]
+        items[str(r)] = item
     return {"foreach": items, "do": do}
 
 
@@ -312,7 +405,8 @@ def dvc_yaml(params) -> str:
     doc: dict = {"stages": {}}
     for name, s in STAGES.items():
         if s.per_res:
-            doc["stages"][name] = _foreach(params, s)
+            if s.resolutions(params):                  # a stage with no job here (fid-stats at 16 px) is left out
+                doc["stages"][name] = _foreach(params, s)
         else:
             j = job(params, name)
             doc["stages"][name] = _dvc_entry(j.cmd, j.deps + j.code, j.params, j.outs)
@@ -345,12 +439,21 @@ def sync_dvc_yaml(params) -> bool:
     try:
         write_text(path, new)
     except OSError as e:
-        log.warning("dvc.yaml does not match params.yaml (crop.size %s) and cannot be rewritten here (%s): run "
-                    "`progan dvc-yaml` where it can", params.crop.size, e.strerror or e)
+        log.warning("dvc.yaml does not match params.yaml (%s) and cannot be rewritten here (%s): run "
+                    "`progan dvc-yaml` where it can", dag_shape(params), e.strerror or e)
         return False
-    log.info("dvc.yaml did not match params.yaml (crop.size %s: stages %s): rewrote it", params.crop.size,
-             ", ".join(map(str, params.resolutions)))
+    log.info("dvc.yaml did not match params.yaml (%s): rewrote it", dag_shape(params))
     return True
+
+
+def dag_shape(params) -> str:
+    """What DAG_SHAPE_KEYS make of the DAG, in words: 'crop.size 16: stages 4, 8, 16' (and '; fid-stats at 32, 64'
+    for each stage that runs at only some resolutions and has a job here)."""
+    text = f"crop.size {params.crop.size}: stages {', '.join(map(str, params.resolutions))}"
+    for s in STAGES.values():
+        if s.per_res and s.at is not None and s.resolutions(params):
+            text += f"; {s.name} at {', '.join(map(str, s.resolutions(params)))}"
+    return text
 
 
 def run(params) -> None:

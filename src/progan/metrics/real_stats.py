@@ -15,7 +15,9 @@ settings)` scores generated images against it (what `progan evaluate` does while
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,12 @@ from progan.metrics import inception
 FORMAT = "progan-inception-stats"
 VERSION = 1
 REAL_SUBSET_SEED = 0                # which reals when the level has more than max_reals (fixed: no param)
-INCEPTION_METRICS = ("fid", "kid", "is")
+INCEPTION_METRICS = ("fid", "kid", "is")      # = pipeline.INCEPTION_METRICS (a test keeps them and the registry equal)
+# A placeholder (written without weights) is a fid-stats output like any other: neither front end re-runs fid-stats
+# when the weights arrive (where they are is no param: they are pinned by sha256). This re-makes the statistics and
+# re-runs what reads them (evaluate at those resolutions, the report); README "Inception weights".
+AFTER_WEIGHTS = {"dvc": "dvc repro --force --downstream fid-stats",
+                 "snakemake": "snakemake --cores all --forcerun fid_stats"}
 # The settings a stats file must match to be used: anything that changes its numbers.
 KEY_FIELDS = ("format", "version", "res_px", "num_reals", "subset_seed", "weights_sha256", "feature_extractor")
 
@@ -45,24 +52,30 @@ class StaleStats(ProganError):
 
 @dataclass(frozen=True)
 class InceptionSettings:
-    """evaluate.fid.* and evaluate.inception_weights (params.yaml)."""
-    num_images: int                 # generated images scored (named in the key: fid50k)
+    """evaluate.fid.* and evaluate.inception_weights (params.yaml). The reals' statistics need the first five; the
+    scoring fields are None in the settings of the fid-stats stage (`from_params(params, scoring=False)`), which
+    reads no key it does not use (tests/test_params_read.py)."""
     max_reals: int                  # the reals: the whole level up to this many
     min_res_px: int                 # stages below get no fid/kid/is
     batch: int                      # images per Inception forward
-    kid_subsets: int
-    kid_subset_size: int
-    is_splits: int
-    seed: int                       # KID's subset draws (evaluate.seed)
     weights: str | None = None      # evaluate.inception_weights
     cache_dir: str | None = None    # evaluate.fid.cache_dir
+    num_images: int | None = None   # generated images scored (named in the key: fid50k)
+    kid_subsets: int | None = None
+    kid_subset_size: int | None = None
+    is_splits: int | None = None
+    seed: int | None = None         # KID's subset draws (evaluate.seed)
 
     @classmethod
-    def from_params(cls, params) -> "InceptionSettings":
+    def from_params(cls, params, scoring: bool = True) -> "InceptionSettings":
         f = params.evaluate.fid
-        return cls(int(f.num_images), int(f.max_reals), int(f.min_res_px), int(f.batch), int(f.kid_subsets),
-                   int(f.kid_subset_size), int(f.is_splits), int(params.evaluate.seed),
-                   params.evaluate.inception_weights, f.cache_dir)
+        reals = cls(max_reals=int(f.max_reals), min_res_px=int(f.min_res_px), batch=int(f.batch),
+                    weights=params.evaluate.inception_weights, cache_dir=f.cache_dir)
+        if not scoring:
+            return reals
+        return dataclasses.replace(reals, num_images=int(f.num_images), kid_subsets=int(f.kid_subsets),
+                                   kid_subset_size=int(f.kid_subset_size), is_splits=int(f.is_splits),
+                                   seed=int(params.evaluate.seed))
 
     def key(self, res_px: int, num_level_images: int) -> dict:
         """What a stats file of level `res_px` (holding `num_level_images`) must record to be reused."""
@@ -198,7 +211,10 @@ def compute_real_stats(level, settings: InceptionSettings, out_path: str | Path 
             log.warning("%s", e)
             meta = {**settings.key(res_px, len(arr)), "available": False, "reason": str(e), "source": source,
                     "source_sha256": digest, "num_level_images": int(len(arr))}
-            return save_real_stats(out_path, None, meta)
+            save_real_stats(out_path, None, meta)
+            log.warning("inception %dpx: wrote %s as a placeholder (no statistics: evaluate leaves fid/kid/is out); "
+                        "once the weights are there, %s", res_px, out_path, after_weights())
+            return out_path
     stats = real_stats_from_level(arr, settings, net, device, res_px, source, digest)
     save_real_stats(out_path, stats)
     log.info("inception %dpx: statistics of %d reals -> %s in %.1f s", res_px, len(stats.features), out_path,
@@ -206,11 +222,25 @@ def compute_real_stats(level, settings: InceptionSettings, out_path: str | Path 
     return out_path
 
 
+def after_weights() -> str:
+    """What to run once the weights are there, for the front end driving this job (both when run by hand)."""
+    from progan import pipeline, workspace
+
+    if pipeline.under_dvc():
+        which = ["dvc"]
+    elif os.environ.get(workspace.DRIVER_ENV) == "snakemake":
+        which = ["snakemake"]
+    else:
+        which = list(AFTER_WEIGHTS)
+    return " or ".join(f"`{AFTER_WEIGHTS[w]}`" for w in which) + (" re-makes the statistics and re-runs the "
+                                                                   "evaluations that use them")
+
+
 def run(params, res: int, lease=None) -> Path:
     """The fid-stats@<res> stage: data/pyramid/<res>.npy -> data/fid-stats/<res>.npz (settings: evaluate.fid).
     `lease` (gpus.Lease from the CLI) has already set CUDA_VISIBLE_DEVICES."""
     res = int(res)
-    settings = InceptionSettings.from_params(params)
+    settings = InceptionSettings.from_params(params, scoring=False)
     if res not in params.resolutions or res < settings.min_res_px:
         usable = [r for r in params.resolutions if r >= settings.min_res_px]
         raise ProganError(f"--res {res}: no Inception statistics are made for it; the resolutions >= "
