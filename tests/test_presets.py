@@ -248,6 +248,8 @@ def test_init_writes_each_preset_and_both_front_ends_plan_its_dag(tmp_path):
         size = p.crop.size
         counts, dvc_stages = _plan(ws)
         n = len(p.resolutions)
+        n_stats = len([r for r in p.resolutions if r >= p.evaluate.fid.min_res_px])       # 32 .. crop.size
         assert counts.get("train") == str(n) and counts.get("evaluate") == str(n), (name, counts)
+        assert counts.get("fid_stats") == str(n_stats) and n_stats == n - 3, (name, counts)
         assert dvc_stages == {j.id for j in pipeline.jobs(p)}, name
-        assert f"train@{p.crop.size}" in dvc_stages and len(dvc_stages) == 4 + 2 * n
+        assert f"train@{p.crop.size}" in dvc_stages and len(dvc_stages) == 4 + 2 * n + n_stats
