@@ -230,7 +230,12 @@ def test_the_fid_stats_stage(tmp_path):
     sub = next(a for a in cli._parser()._actions if a.dest == "command")
     assert any(a.dest == "res" for a in sub.choices["fid-stats"]._actions)
     assert gpus.requested("fid-stats", params, None, 1) == 1 and pipeline.STAGES["fid-stats"].rule == "fid_stats"
-    # the keys that decide which jobs there are
+    # the keys that decide which jobs there are: DAG_SHAPE_KEYS (a change rewrites dvc.yaml) are all `at` reads
+    recording = params.recording()
+    for st in pipeline.STAGES.values():
+        if st.per_res:
+            st.resolutions(recording)
+    assert recording.reads == set(pipeline.DAG_SHAPE_KEYS)
     for overrides, expected in [(dict(size_px=16), []), (dict(size_px=32, evaluate__fid__min_res_px=8), [8, 16, 32]),
                                 (dict(size_px=64, evaluate__metrics=["swd", "msssim"]), []),
                                 (dict(size_px=64, evaluate__metrics=["swd", "is"]), [32, 64])]:
