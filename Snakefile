@@ -32,6 +32,9 @@ if os.path.exists(os.path.join(_VENV_BIN, "progan")) and os.environ.get("PATH", 
 configfile: "params.yaml"
 
 
+report: "workflow/report/workflow.rst"  # `snakemake --report report.zip`: the outputs marked in the stage table
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/stages.smk"
 

@@ -24,6 +24,24 @@ def test_default_and_demo_params_are_valid():
     params_mod.validate(demo_params(), "params.demo.yaml")
 
 
+def test_demo_params_describe_themselves():
+    """workflow/params.demo.yaml's header is its own (issue #16), not a copy of params.yaml's, and says what it runs."""
+    def header(name):
+        lines = (REPO / name).read_text().splitlines()
+        return [line for line in lines[:next(i for i, x in enumerate(lines) if not x.startswith("#"))]]
+
+    demo = header("workflow/params.demo.yaml")
+    assert not set(demo) & set(header("params.yaml")) and "DEMO" in demo[0]
+    d = demo_params()
+    text = " ".join(demo)
+    stages = d["train"]["stages"]
+    total_kimg = sum(s["transition_kimg"] + s["stabilize_kimg"] for s in stages.values())
+    for fact in (f"{d['data']['max_images']} images", f"at {d['crop']['size']} px",
+                 f"latent {d['model']['latent_dim']}", f"fmap {d['model']['fmap_base']} / {d['model']['fmap_max']}", f"{total_kimg:g} kimg in all",
+                 f"minibatch {stages['32']['batch']}", f"on {d['evaluate']['num_images']}"):
+        assert fact in text, fact
+
+
 def test_wrong_type_and_range(tmp_path):
     assert _error(tmp_path, train__ema_decay="high") == 'params.yaml: train.ema_decay must be number, got "high"'
     assert _error(tmp_path, train__stages__16__stabilize_kimg=-5) == \

@@ -180,6 +180,34 @@ def test_summary_goes_to_parent(project, capsys):
     assert json.loads((project.root / tracking.PARENT_FILE).read_text())["run_id"] == new_parent
 
 
+def test_experiment_opens_on_training_runs_with_the_swd_view(project, capsys):
+    """MLflow 3's UI: the experiment kind tag says model training; the saved view (tag mlflow.sharedViewState.*)
+    shows the parent's swd_avg_r<R> of every stage as columns, in growth order (tests/test_mlflow_ui.py opens it)."""
+    from progan import mlflow_view
+
+    tracking.run(project)
+    parent_id = capsys.readouterr().out.strip()
+    client = client_for(project)
+    exp = client.get_experiment_by_name("progan-test")
+    assert exp.tags[mlflow_view.KIND_TAG] == "custom_model_development"
+    view = json.loads(exp.tags[mlflow_view.VIEW_TAG])
+    assert view["name"] == "progan: SWD per stage" and isinstance(view["createdAt"], int)
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert columns == [f"metrics.`swd_avg_r{r}`" for r in project.resolutions] == json.loads(view["state"])[
+        "columnOrder"]
+    tracking.log_pipeline_summary(project, {f"swd_avg_r{r}": 1.0 for r in project.resolutions}, [])
+    metrics = client.get_run(parent_id).data.metrics
+    assert {c.split("`")[1] for c in columns} <= set(metrics)                      # the columns are the parent's
+    assert mlflow_view.tags_to_set(project, exp.tags) == {}                        # next jobs write nothing
+    assert mlflow_view.tags_to_set(project, {**exp.tags, mlflow_view.KIND_TAG: "genai_development"}) == {}  # chosen
+    assert mlflow_view.tags_to_set(project, {**exp.tags, mlflow_view.KIND_TAG: "genai_development_inferred"}) == {
+        mlflow_view.KIND_TAG: "custom_model_development"}                          # only guessed by the UI
+    assert mlflow_view.runs_url(tracking.tracking_uri(project), exp.experiment_id) == (
+        f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey=progan-stages")
+    assert mlflow_view.runs_url("https://mlflow.example.org/", "7").startswith("https://mlflow.example.org/#/")
+
+
 # ---- failure: never raises, one warning ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["http", "not-a-dir"])

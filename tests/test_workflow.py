@@ -206,6 +206,32 @@ def _check_inception_numbers(ws: Path, params) -> dict:
     return results
 
 
+def _check_logs_are_lines(ws: Path) -> None:
+    """logs/<job>.log (`| tee`): progress as plain lines, no tqdm redraws (progan.log.progress)."""
+    logs = sorted((ws / "logs").glob("*.log"))
+    assert len(logs) == len(ALL)
+    for log in logs:
+        assert "\r" not in log.read_text(), log.name
+    assert "crop: 100% " in (ws / "logs/crop.log").read_text()
+
+
+def _check_snakemake_report(ws: Path, params) -> None:
+    """`snakemake --report report.zip`: the outputs the stage table marks (pipeline.Out.report), each in its
+    category with its caption; the metrics table rendered from results/report/swd.tsv."""
+    _check(_snakemake(ws, "--report", "report.zip"))
+    with zipfile.ZipFile(ws / "report.zip") as zf:
+        files = {Path(n).name for n in zf.namelist() if "/data/raw/" in n}
+        page = zf.read("report/report.html").decode()
+    assert files == {"samples.png", "losses.tsv", "eval.json", "index.html", "swd.tsv", "losses.png", "swd.png"}
+    marked = [o.path for j in pipeline.jobs(params) for o in j.outs if o.report]
+    assert len(marked) == 3 * len(RES) + 4 and all(path in page for path in marked)
+    for r, stage in zip(RES, (1, 2, 3)):
+        assert f'"stage {stage}: {r} px": ["results/{r}/samples.png"]' in page           # Samples, per stage
+    assert '"all stages": ["results/report/losses.png", "results/report/swd.png"]' in page   # Curves
+    assert "Stage 16 px: images of G_ema" in page                                  # captions, per job
+    assert '<th class=\\"head\\">swd_real_vs_real_avg</th>' in page                    # the table, rendered
+
+
 @pytest.mark.xdist_group("e2e_snakemake")
 def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server, inception_weights):
     ws, params = _workspace(tmp_path, image_server, inception_weights)
@@ -218,6 +244,8 @@ def test_snakemake_full_run_then_only_what_changed(tmp_path, image_server, incep
     assert (ws / paths.REPORT_HTML).exists()
     check_each_stage_resumed_from_the_one_before(ws, RES)
     check_first_mlflow_run(ws, params, RES)
+    _check_logs_are_lines(ws)
+    _check_snakemake_report(ws, params)
     for what, value, expected, _ in CASES:
         _apply(ws, what, value)
         before = after
@@ -258,7 +286,9 @@ def test_dvc_full_run_then_only_what_changed(tmp_path, image_server, inception_w
     assert "Data and pipelines are up to date" in status
     metrics = _check(_dvc(ws, "metrics", "show"))
     for r in RES:
-        assert paths.eval_json(r) in metrics
+        assert paths.eval_metrics_json(r) in metrics and paths.train_metrics_json(r) in metrics
+        assert f"swd_avg_r{r}" in metrics and f"d_loss_r{r}" in metrics
+    assert "eval.json" not in metrics.replace("eval_metrics.json", "")      # the full records are plain outputs
     _check_offline(ws)
     # the weights arrive: nothing re-runs by itself (where they are is no param); the README's command
     _weights_arrive(ws, inception_weights)
@@ -269,8 +299,8 @@ def test_dvc_full_run_then_only_what_changed(tmp_path, image_server, inception_w
     results = _check_inception_numbers(ws, params)
     shown = json.loads(_check(_dvc(ws, "metrics", "show", "--json")))
     by_file = next(iter(shown.values()))["data"]
-    assert by_file[paths.eval_json(16)]["data"][FID_KEY] == pytest.approx(results[16][FID_KEY])
-    assert FID_KEY not in by_file[paths.eval_json(4)]["data"]
+    assert by_file[paths.eval_metrics_json(16)]["data"][f"{FID_KEY}_r16"] == pytest.approx(results[16][FID_KEY])
+    assert f"{FID_KEY}_r4" not in by_file[paths.eval_metrics_json(4)]["data"]
 
 
 # ---- issue #16: change crop.size, and both front ends just work -------------------------------------------------

@@ -1,4 +1,5 @@
-"""`progan evaluate --res R`: the metrics `evaluate.metrics` lists, of one finished stage -> results/<R>/eval.json.
+"""`progan evaluate --res R`: the metrics `evaluate.metrics` lists, of one finished stage -> results/<R>/eval.json
+(and its headline numbers, progan.headline, -> results/<R>/eval_metrics.json: the DVC metrics file).
 
 Paper §5 / official `metrics/` (tkarras/progressive_growing_of_gans):
 - fakes: G_ema of results/<R>/checkpoint.pt on latents drawn once from `evaluate.seed` (image i has the same
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from progan import paths
+from progan import headline, paths
 from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import scratch_array, sha256_file, write_json
 from progan.log import log, progress
@@ -311,6 +312,7 @@ def run(params, res: int, lease=None) -> dict:
                                       f"progan evaluate --res {res}",
                                       f"{paths.checkpoint(res)} and any previous {paths.eval_json(res)} are untouched") from e
         write_json(paths.eval_json(res), result)       # inside the run: attached as an artifact on exit
+        write_json(paths.eval_metrics_json(res), headline.evaluation(result))     # what DVC compares
         if tr is not None:
             tr.log_metrics(_mlflow_metrics(result), step_kimg=result["total_kimg"])
     log.info("evaluate %dpx: wrote %s in %.1f s", res, paths.eval_json(res), result["seconds"])

@@ -18,6 +18,8 @@ REPORT_DIR = "results/report"
 REPORT_HTML = "results/report/index.html"
 REPORT_SWD_PLOT = "results/report/swd.tsv"        # DVC plots: SWD per level across stages
 REPORT_LOSS_PLOT = "results/report/losses.tsv"    # DVC plots: losses of every stage vs total kimg
+REPORT_LOSS_PNG = "results/report/losses.png"     # the page's loss curves, as a file (Snakemake's report, MLflow)
+REPORT_SWD_PNG = "results/report/swd.png"         # the page's SWD / MS-SSIM curves across stages, as a file
 STATE_DIR = ".progan"                     # run-local state outside declared outputs (locks, MLflow parent id)
 
 
@@ -42,6 +44,11 @@ def train_json(res_px: int) -> str:
     return f"{stage_dir(res_px)}/train.json"
 
 
+def train_metrics_json(res_px: int) -> str:
+    """The few numbers of train.json people compare (progan.headline): a DVC metrics file."""
+    return f"{stage_dir(res_px)}/train_metrics.json"
+
+
 def losses_tsv(res_px: int) -> str:
     return f"{stage_dir(res_px)}/losses.tsv"
 
@@ -52,6 +59,11 @@ def samples_png(res_px: int) -> str:
 
 def eval_json(res_px: int) -> str:
     return f"{stage_dir(res_px)}/eval.json"
+
+
+def eval_metrics_json(res_px: int) -> str:
+    """The few numbers of eval.json people compare (progan.headline): a DVC metrics file."""
+    return f"{stage_dir(res_px)}/eval_metrics.json"
 
 
 def resume_dir(res_px: int) -> str:

@@ -12,7 +12,8 @@ A `Stage` holds what the front ends, the CLI, tracking and the report need to kn
            wrapped in `IfMade` is one only where a job of the table makes it (evaluate@R reads the reals'
            statistics where fid-stats@R runs)
   outs     what it writes, each an `Out` with its kind: plain, uncached (big, cheap to rebuild: DVC does not copy
-           it into its cache), metrics or plots (DVC), folder or file, attached to its MLflow run or not
+           it into its cache), metrics (the few numbers people compare: progan.headline) or plots (DVC), folder
+           or file, attached to its MLflow run or not, shown in Snakemake's report or not
   params   the dotted params.yaml keys it reads (tests/test_params_read.py records what `run()` reads and checks
            this list against it), so that editing a key re-runs exactly the stages that read it; ALL_PARAMS: all
   gpu      None (CPU only), "one" (one GPU when there is one) or a params key ("train.gpus": as many as it says,
@@ -23,7 +24,8 @@ entry with {prev} is left out of the 4 px job); {final} crop.size; {each} every 
 {each} entries are repeated together for 4, 8, ..., crop.size).
 
 Derived from STAGES (no second list anywhere):
-  Snakemake  workflow/rules/stages.smk: one rule per stage: inputs, outputs, params values, gpu resource, log, shell
+  Snakemake  workflow/rules/stages.smk: one rule per stage: inputs, outputs, params values, gpu resource, log, shell;
+             the outputs with a `report` go in `snakemake --report` (category, caption workflow/report/*.rst)
   DVC        dvc.yaml, written by `dvc_yaml` (see below)
   CLI        progan.cli's stage commands (help, --res) and gpus.GPU_COMMANDS
   tracking   which jobs log MLflow child runs, and the files a finished job attaches (`artifacts`)
@@ -60,18 +62,35 @@ FIRST_RES = 4                      # the first training stage: it grows from not
 OUT_KINDS = ("plain", "uncached", "metrics", "plots")
 # The params that decide which jobs the DAG has (not what a job computes): a change rewrites dvc.yaml.
 DAG_SHAPE_KEYS = ("crop.size", "evaluate.metrics", "evaluate.fid.min_res_px")
+REPORT_CATEGORIES = ("Samples", "Curves", "Evaluation", "Report")    # Snakemake's report, by what a file is
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where Snakemake's own report (`snakemake --report report.zip`) shows an output: its category (what it is:
+    one of REPORT_CATEGORIES) and its caption, workflow/report/<caption> (reStructuredText). The files of a
+    per-resolution stage go in one subcategory per stage (`report_subcategory`)."""
+    category: str
+    caption: str
+
+    def __post_init__(self):
+        if self.category not in REPORT_CATEGORIES:
+            raise ValueError(f"Report {self.caption}: category must be one of {REPORT_CATEGORIES}, "
+                             f"got {self.category!r}")
 
 
 @dataclass(frozen=True)
 class Out:
-    """An output of a stage. Its `kind` is what DVC makes of it (`dvc exp show` lists the metrics files' keys: keep
-    metrics to what people compare, issue #16 part 2); a caption for Snakemake's report() belongs here too (part 3),
-    applied where stages.smk lists the outputs (common.smk `stage_outputs`)."""
+    """An output of a stage. Its `kind` is what DVC makes of it: `dvc exp show` has a column per key of every
+    metrics file, so the metrics files are the small per-stage ones of progan.headline (what people compare), and
+    the full records (train.json, eval.json) are plain outputs. `report` puts it in Snakemake's report (stages.smk
+    applies it where it lists the outputs)."""
     path: str
     kind: str = "plain"            # plain | uncached | metrics | plots
     folder: bool = False           # a directory (Snakemake `directory()`)
     artifact: bool = True          # attached to the job's MLflow run when it finishes (when it has one)
     plot: dict | None = None       # plots: the axes `dvc plots show` draws ({"x": column, "y": [columns]})
+    report: Report | None = None   # shown in `snakemake --report`, with this category and caption
 
     def __post_init__(self):
         if self.kind not in OUT_KINDS:
@@ -200,10 +219,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", "progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)",
           per_res=True, gpu="train.gpus", mlflow="train",
           deps=(paths.checkpoint(PREV), paths.pyramid_level(RES)),
-          code=_MODEL + tuple(f"src/progan/train/{m}.py" for m in
+          code=_MODEL + ("src/progan/headline.py",) + tuple(f"src/progan/train/{m}.py" for m in
                               ("loop", "step", "nets", "loss", "nonfinite", "schedule", "state", "data", "dist")),
-          outs=(Out(paths.checkpoint(RES), artifact=False), Out(paths.losses_tsv(RES)), Out(paths.samples_png(RES)),
-                Out(paths.train_json(RES), "metrics")),
+          outs=(Out(paths.checkpoint(RES), artifact=False),
+                Out(paths.losses_tsv(RES), report=Report("Curves", "losses.rst")),
+                Out(paths.samples_png(RES), report=Report("Samples", "samples.rst")),
+                Out(paths.train_json(RES)),
+                Out(paths.train_metrics_json(RES), "metrics", artifact=False)),
           params=_TRAIN_KEYS + ("train.stages.{res}",)),
     Stage("evaluate", "progan.evaluate",
           "the metrics of one stage (evaluate.metrics: SWD, MS-SSIM, FID, KID, IS): results/<res>/eval.json",
@@ -211,18 +233,22 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           deps=(paths.checkpoint(RES), paths.pyramid_level(RES),
                 paths.PYRAMID_INFO,                            # the level's sha256 (eval.json; checks the stats file)
                 IfMade(paths.fid_stats(RES))),
-          code=_MODEL + ("src/progan/evaluate.py", *(f"src/progan/metrics/{m}.py" for m in (
+          code=_MODEL + ("src/progan/evaluate.py", "src/progan/headline.py", *(f"src/progan/metrics/{m}.py" for m in (
               "registry", "swd", "swd_reference", "msssim"))) + _INCEPTION,
-          outs=(Out(paths.eval_json(RES), "metrics"),),
+          outs=(Out(paths.eval_json(RES), report=Report("Evaluation", "eval.rst")),
+                Out(paths.eval_metrics_json(RES), "metrics", artifact=False)),
           params=_EVALUATE_KEYS + ("train.mirror_augment",)),  # the reals are mirrored when training's were
     Stage("report", "progan.report", "one HTML page for the whole run: results/report/index.html",
           deps=(paths.eval_json(EACH), paths.train_json(EACH), paths.losses_tsv(EACH), paths.samples_png(EACH),
                 paths.checkpoint(FINAL), paths.pyramid_level(FINAL)),
-          code=_MODEL + ("src/progan/api.py", "src/progan/report/__init__.py", "src/progan/report/html.py",
-                         "src/progan/report/plots.py"),
-          outs=(Out(paths.REPORT_HTML),
-                Out(paths.REPORT_SWD_PLOT, "plots", plot={"x": "res_px", "y": ["swd_avg", "swd_real_vs_real_avg"]}),
-                Out(paths.REPORT_LOSS_PLOT, "plots", plot={"x": "total_kimg", "y": ["d_loss", "g_loss"]})),
+          code=_MODEL + ("src/progan/api.py", "src/progan/headline.py", "src/progan/report/__init__.py",
+                         "src/progan/report/html.py", "src/progan/report/plots.py"),
+          outs=(Out(paths.REPORT_HTML, report=Report("Report", "report.rst")),
+                Out(paths.REPORT_SWD_PLOT, "plots", plot={"x": "res_px", "y": ["swd_avg", "swd_real_vs_real_avg"]},
+                    report=Report("Evaluation", "eval_table.rst")),
+                Out(paths.REPORT_LOSS_PLOT, "plots", plot={"x": "total_kimg", "y": ["d_loss", "g_loss"]}),
+                Out(paths.REPORT_LOSS_PNG, report=Report("Curves", "loss_curves.rst")),
+                Out(paths.REPORT_SWD_PNG, report=Report("Curves", "swd_curves.rst"))),
           params=(ALL_PARAMS,)),      # the page shows every param of the run and their digest
 ]}
 
@@ -318,6 +344,15 @@ def output_patterns(params, name: str, res_token: str = "{res}") -> list[Out]:
     s = STAGES[name]
     return _fill_outs(s.outs, params.resolutions, res=res_token if s.per_res else None,
                       final=params.resolutions[-1])
+
+
+def report_subcategory(name: str, res: int | str | None = None) -> str:
+    """The subcategory of a job's files in Snakemake's report: `stage 3: 16 px` for a per-resolution stage (the
+    report sorts names as text: the stage number keeps them in growth order, 4 px to 1024 px = stage 1 to 9), or
+    `all stages`."""
+    if not STAGES[name].per_res:
+        return "all stages"
+    return f"stage {int(res).bit_length() - 2}: {res} px"
 
 
 def command(name: str, res: int | None = None) -> str:

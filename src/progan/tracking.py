@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from progan import paths, pipeline
+from progan import mlflow_view, paths, pipeline
 from progan.fileio import read_json, sha256_file, write_json
 from progan.log import log
 
@@ -129,7 +129,8 @@ def _client(uri: str, root: Path):
 
 
 def _experiment_id(client, params, uri: str) -> str:
-    """Get or create the experiment (artifacts beside a SQLite DB, in mlartifacts/)."""
+    """Get or create the experiment (artifacts beside a SQLite DB, in mlartifacts/), tagged so that the MLflow UI
+    shows it as model training with the per-stage SWD view (progan.mlflow_view)."""
     from mlflow.exceptions import MlflowException
 
     name = str(params.mlflow.experiment)
@@ -138,14 +139,18 @@ def _experiment_id(client, params, uri: str) -> str:
         db = _sqlite_path(uri)
         location = (db.parent / "mlartifacts").as_uri() if db is not None else None
         try:
-            return _retry(client.create_experiment, name, artifact_location=location)
+            exp_id = _retry(client.create_experiment, name, artifact_location=location)
         except MlflowException as e:  # another process created it in between
             exp = _retry(client.get_experiment_by_name, name)
             if exp is None:
                 raise e
-    if exp.lifecycle_stage == "deleted":
-        _retry(client.restore_experiment, exp.experiment_id)
-    return exp.experiment_id
+    if exp is not None:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            _retry(client.restore_experiment, exp_id)
+    for key, value in mlflow_view.tags_to_set(params, dict(exp.tags) if exp is not None else {}).items():
+        _retry(client.set_experiment_tag, exp_id, key, value)
+    return exp_id
 
 
 # ---- params, git, locks ----------------------------------------------------------------------------
@@ -435,7 +440,8 @@ def run(params) -> None:
     except Exception as e:
         log.warning("MLflow tracking off (%s): %s; the stages run without it", uri, _one_line(e))
         return
-    log.info("MLflow parent run %s in %s (experiment %s)", run_id, uri, params.mlflow.experiment)
+    log.info("MLflow parent run %s in %s (experiment %s); its runs: %s", run_id, uri, params.mlflow.experiment,
+             mlflow_view.runs_url(uri, exp_id))
     print(run_id)
     sys.stdout.flush()
 
@@ -468,3 +474,6 @@ def log_pipeline_summary(params, metrics: dict[str, float], artifacts: list[str]
     for path in artifacts:
         tracker.log_artifact(path)
     tracker._guard(lambda: _retry(client.set_terminated, parent_id, "FINISHED"))
+    if tracker.enabled:
+        log.info("MLflow: the runs of experiment %s, SWD per stage: %s (`mlflow ui --backend-store-uri %s`)",
+                 params.mlflow.experiment, mlflow_view.runs_url(uri, exp_id), uri)

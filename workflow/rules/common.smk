@@ -85,8 +85,24 @@ def stage_inputs(stage):
 
 
 def stage_outputs(stage):
-    """The stage's outputs, with the wildcard {res} in those of a per-resolution stage; folders as directory()."""
-    return [directory(o.path) if o.folder else o.path for o in pipeline.output_patterns(PARAMS, stage.name)]
+    """The stage's outputs, with the wildcard {res} in those of a per-resolution stage; folders as directory();
+    those with a `report` (pipeline.Out) marked for `snakemake --report`: category, caption workflow/report/*.rst
+    (relative to this rule file's folder), a subcategory per stage."""
+
+    def subcategory(wildcards):
+        return pipeline.report_subcategory(stage.name, wildcards.get("res"))
+
+    def labels(name):
+        return lambda wildcards: {"stage": subcategory(wildcards), "file": name}
+
+    outs = []
+    for o in pipeline.output_patterns(PARAMS, stage.name):
+        path = directory(o.path) if o.folder else o.path
+        if o.report is not None:
+            path = report(path, caption=f"../report/{o.report.caption}", category=o.report.category,
+                          subcategory=subcategory, labels=labels(Path(o.path).name))
+        outs.append(path)
+    return outs
 
 
 def stage_params(stage):

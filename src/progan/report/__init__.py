@@ -7,30 +7,29 @@ any work; a missing or unreadable input is a ProganError naming the file and the
 
 Writes (atomically) the page with every image embedded as base64, the DVC plots files
 results/report/swd.tsv (one row per stage) and results/report/losses.tsv (every stage's rows, with a
-res_px column), then logs the headline metrics (`swd_avg_r16`, ...) and the page to the MLflow
-parent run (progan.tracking; never fails the report).
+res_px column), the page's loss and SWD curves as PNG files (for Snakemake's report and MLflow), then logs
+the headline metrics (progan.headline: `swd_avg_r16`, ..., the names of `dvc exp show`), and the page to the
+MLflow parent run (progan.tracking; never fails the report).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from progan import paths, pipeline, tracking
+from progan import headline, paths, pipeline, tracking
 from progan.errors import ProganError
-from progan.fileio import write_text
+from progan.fileio import write_bytes, write_text
 from progan.pictures import image_grid
 from progan.log import log
 from progan.report import html, plots
 
 STRIP_ROWS = 3                      # interpolation strips (pairs of end latents) on the page
-_INCEPTION_KEY = re.compile(r"^(fid|kid|is)\d+k?(_std)?$")     # fid50k, kid50k_std, is10k, fid400 (metrics/fid.py)
 REQUIRED_LOSS_COLUMNS = ("total_kimg", "alpha", "d_loss", "g_loss")
 
 
@@ -170,7 +169,8 @@ def inception_keys(stages: list[StageResult]) -> list[str]:
     """The FID / KID / IS keys any stage's eval.json holds (fid50k, kid50k, kid50k_std, ...), first seen first."""
     keys: list[str] = []
     for s in stages:
-        keys += [k for k in s.eval if _INCEPTION_KEY.match(k) and isinstance(s.eval[k], (int, float)) and k not in keys]
+        keys += [k for k in s.eval
+                 if headline.INCEPTION_KEY.match(k) and isinstance(s.eval[k], (int, float)) and k not in keys]
     return keys
 
 
@@ -204,19 +204,20 @@ def losses_table(stages: list[StageResult]) -> tuple[list[str], list[list]]:
 
 
 def summary_metrics(stages: list[StageResult]) -> dict[str, float]:
-    """What the MLflow parent run gets: final SWD (average and per level), floor, MS-SSIM and FID / KID / IS
-    (fid50k_r64, ...) per stage."""
+    """What the MLflow parent run gets, per stage: the headline numbers (progan.headline: the DVC metrics, same
+    names: swd_avg_r64, swd_16px_r64, msssim_fake_r64, fid50k_r64, d_loss_r64, img_per_s_r64, ...), plus the
+    real-vs-real floor, MS-SSIM of the reals, the KID / IS spreads and the training seconds."""
     out: dict[str, float] = {}
     for s in stages:
-        for key, value in s.eval["swd"].items():
-            name = "swd_avg" if key == "swd_avg" else f"swd_{key[4:]}px"
-            out[f"{name}_r{s.res_px}"] = float(value)
+        r = s.res_px
+        out.update(headline.evaluation(s.eval))
+        out.update(headline.training(s.train))
         if "swd_avg" in s.eval["swd_real_vs_real"]:
-            out[f"swd_real_vs_real_avg_r{s.res_px}"] = float(s.eval["swd_real_vs_real"]["swd_avg"])
-        for key in ("msssim_fake", "msssim_real", *inception_keys([s])):
+            out[f"swd_real_vs_real_avg_r{r}"] = float(s.eval["swd_real_vs_real"]["swd_avg"])
+        for key in ("msssim_real", *(k for k in inception_keys([s]) if k.endswith("_std"))):
             if s.eval.get(key) is not None:
-                out[f"{key}_r{s.res_px}"] = float(s.eval[key])
-        out[f"train_seconds_r{s.res_px}"] = float(s.train["seconds"])
+                out[f"{key}_r{r}"] = float(s.eval[key])
+        out[f"train_seconds_r{r}"] = float(s.train["seconds"])
     return out
 
 
@@ -243,6 +244,8 @@ def run(params) -> None:
                                   "msssim_fake": s.eval.get("msssim_fake"), "msssim_real": s.eval.get("msssim_real")}
                                  for s in stages]),
     }
+    write_bytes(root / paths.REPORT_LOSS_PNG, figures["losses"])
+    write_bytes(root / paths.REPORT_SWD_PNG, figures["swd"])
     inception = plots.inception_curves([{"res_px": s.res_px, **{k: s.eval[k] for k in inception_keys([s])}}
                                         for s in stages])
     if inception is not None:

@@ -9,8 +9,9 @@ EMA G_ema (official Gs, G_smoothing); a log line, a loss row and maybe a snapsho
 dist.py; rank 0 alone writes files.
 
 Outputs (all atomic): results/<R>/checkpoint.pt, train.json, losses.tsv, samples.png (progan/checkpoint.py holds the
-file formats). Mid-stage state: results/<R>/.resume/snapshot.pt every train.snapshot_kimg, deleted when the stage
-finishes; resuming from it is bit-identical on the CPU.
+file formats), train_metrics.json (the final losses and img/s: progan.headline). Mid-stage state:
+results/<R>/.resume/snapshot.pt every train.snapshot_kimg, deleted when the stage finishes; resuming from it is
+bit-identical on the CPU.
 
 Randomness: data order, flips, latents and gradient-penalty factors are pure functions of (seed, R, cur_nimg)
 (data.py, step.py), so a resumed or multi-GPU run draws exactly what a single uninterrupted one does.
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from progan import checkpoint, gpus, paths, tracking
+from progan import checkpoint, gpus, headline, paths, tracking
 from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import atomic_path, write_json, write_text
 from progan.log import log, progress
@@ -241,6 +242,7 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                     fakes = torch.cat([nets.G_ema(z.to(device), alpha) for z in z_grid.split(sched.batch)])
                 save_grid(paths.samples_png(res), fakes)
                 write_json(paths.train_json(res), info)
+                write_json(paths.train_metrics_json(res), headline.training(info))   # DVC metrics
                 checkpoint.save(paths.checkpoint(res), checkpoint.stage_checkpoint(
                     res_px=res, cfg=nets.cfg, G=nets.G, D=nets.D, G_ema=nets.G_ema, opt_G=opt_G, opt_D=opt_D,
                     cur_nimg=cur_nimg, total_kimg=total_kimg, alpha=alpha, rng=state.get_rng_state(),
