@@ -150,7 +150,7 @@ def interpolation_strip(root: Path, res: int, steps: int, seed: int) -> tuple[by
     rel = paths.checkpoint(res)
     if not (root / rel).is_file():
         raise ProganError(f"{rel}: not found; {_make(res, 'train')}")
-    G = api.load_generator(root / rel, device="auto")
+    G = api.load_generator(root / rel, device="cpu")   # the report takes no GPU lease (progan.gpus): a few images
     rows = strip_seeds(seed)
     images = np.concatenate([G.interpolate(list(ends), steps - 1) for ends in rows])   # [rows * steps, R, R, C]
     if images.shape[-1] == 1:
