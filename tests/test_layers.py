@@ -73,6 +73,23 @@ def test_minibatch_stddev_small_batch_and_bad_batch():
         minibatch_stddev(torch.zeros(6, 1, 4, 4), 4)
 
 
+def test_minibatch_stddev_of_parts_is_the_layer_on_each_part_alone():
+    """parts = 3 (the training step's reals, fakes and mixed images in one pass): each part's output is bit for bit
+    the layer applied to that part alone, also when a part is smaller than the group (a rank's slice); groups never
+    take samples from two parts."""
+    torch.manual_seed(3)
+    for n, group in ((8, 4), (2, 4), (12, 4), (4, 1)):
+        parts = [torch.randn(n, 5, 4, 4, dtype=torch.float64) for _ in range(3)]
+        joint = minibatch_stddev(torch.cat(parts), group, parts=3)
+        assert torch.equal(joint, torch.cat([minibatch_stddev(p, group) for p in parts])), (n, group)
+    # the same values in two parts with a different third part: the first two parts' statistics do not move
+    a, b = torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1)
+    assert torch.equal(minibatch_stddev(torch.cat([a, a, b]), 4, 3)[:8], minibatch_stddev(torch.cat([a, a, a]), 4, 3)[:8])
+    assert not torch.equal(minibatch_stddev(torch.cat([a, b]), 4)[:4], minibatch_stddev(a, 4))   # one part: mixed
+    with pytest.raises(ProganError, match="does not split into 3 equal parts"):
+        minibatch_stddev(torch.zeros(8, 1, 4, 4), 4, parts=3)
+
+
 def test_up_and_down_sampling_values():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
     up = upsample2x(x)

@@ -88,7 +88,7 @@ def downsample2x(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
-def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
+def minibatch_stddev(x: Tensor, group_size: int, parts: int = 1) -> Tensor:
     """Append one feature map: the stddev over each group of samples, averaged over C, H, W (paper §3).
 
     Follows the official `minibatch_stddev_layer` exactly: G = min(group_size, N); the batch is reshaped to
@@ -96,19 +96,27 @@ def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
     variance over the group (divide by G), sqrt(var + 1e-8), mean over C, H, W, computed in >= fp32, then cast
     back and replicated over the group and pixels. [N, C, H, W] -> [N, C + 1, H, W].
     N must be divisible by G (the official code fails on the reshape otherwise); we raise ProganError.
+
+    `parts` > 1: x is that many minibatches of N / parts samples stacked along dim 0 (the training step's one
+    critic pass over reals, fakes and mixed images, train/step.py); each part gets exactly the layer it would get
+    alone (N / parts in place of N above), so groups never mix samples of two parts.
     """
-    n, c, h, w = x.shape
+    total, c, h, w = x.shape
+    if parts < 1 or total % parts:
+        raise ProganError(f"minibatch stddev: a batch of {total} does not split into {parts} equal parts")
+    n = total // parts                                   # samples per part
     g = min(group_size, n)
     if n % g != 0:
         raise ProganError(
             f"minibatch stddev: batch of {n} is not divisible by the group size {g}; use a per-device batch "
             f"that is a multiple of model.mbstd_group_size ({group_size}) or smaller than it")
-    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(g, n // g, c, h, w)   # [GMCHW], >= fp32
-    y = y - y.mean(dim=0, keepdim=True)                  # subtract the group mean
-    y = y.square().mean(dim=0)                           # [MCHW] variance over the group
-    y = (y + MBSTD_EPS).sqrt()                           # [MCHW] stddev
-    y = y.mean(dim=(1, 2, 3))                            # [M] average over fmaps and pixels
-    y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)  # [N1HW]
+    m = n // g
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(parts, g, m, c, h, w)   # [PGMCHW], >= fp32
+    y = y - y.mean(dim=1, keepdim=True)                  # subtract the group mean
+    y = y.square().mean(dim=1)                           # [PMCHW] variance over the group
+    y = (y + MBSTD_EPS).sqrt()                           # [PMCHW] stddev
+    y = y.mean(dim=(2, 3, 4))                            # [PM] average over fmaps and pixels
+    y = y.to(x.dtype).reshape(parts, 1, m, 1, 1, 1).expand(parts, g, m, 1, h, w).reshape(total, 1, h, w)  # [N1HW]
     return torch.cat([x, y], dim=1)
 
 
