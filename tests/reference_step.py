@@ -7,14 +7,18 @@ code does (loss.py D_wgangp_acgan: `real_scores_out = fp32(D.get_output_for(real
 from train/step.py and train/loss.py at main b1cf58f (`train_step`, `d_loss`, `gradient_penalty`, `g_loss`), cut
 down to the branches train_step took (d_loss with gp_weight 0, the penalty with the step's mix), the arithmetic
 unchanged; one change: the stats keep float64 when the nets are float64 (main cast them to float32), so the
-float64 equality test can compare losses to 1e-10.
+float64 equality test can compare losses to 1e-10. `train_step` also runs the fused up/down convs' 4x4 kernels
+built as main built them (`main_fused_kernels`: pad + four shifted slices + sums, where layers.py now does one GEMM).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from progan.model import layers
 
 from progan.train import dist
 from progan.train.nonfinite import step_if_finite
@@ -61,8 +65,38 @@ def g_loss(D, fakes, alpha, kind):
     return fake_scores.square().mean()
 
 
+def _up_forward(self, x):            # main's layers.UpConv2d.forward
+    w = (self.weight * self.scale).flip(2, 3).transpose(0, 1)   # [in, out, 3, 3] (conv_transpose layout)
+    w = F.pad(w, (1, 1, 1, 1))                                   # [in, out, 5, 5]
+    w = w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]  # [in, out, 4, 4]
+    return F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
+
+
+def _down_forward(self, x):          # main's layers.ConvDown2d.forward
+    w = F.pad(self.weight * self.scale, (1, 1, 1, 1))           # [out, in, 5, 5]
+    w = (w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]) * 0.25  # [out, in, 4, 4]
+    return F.conv2d(x, w, self.bias, stride=2, padding=1)
+
+
+@contextlib.contextmanager
+def main_fused_kernels():
+    """UpConv2d / ConvDown2d build their 4x4 kernels as main did, inside the block (the classes are patched)."""
+    saved = layers.UpConv2d.forward, layers.ConvDown2d.forward
+    layers.UpConv2d.forward, layers.ConvDown2d.forward = _up_forward, _down_forward
+    try:
+        yield
+    finally:
+        layers.UpConv2d.forward, layers.ConvDown2d.forward = saved
+
+
 def train_step(nets, opt_G, opt_D, inputs, settings, world, autocast=contextlib.nullcontext) -> torch.Tensor:
     """main's train_step: [d_loss, g_loss, gp, d_real, d_fake, d_skipped, g_skipped]."""
+    with main_fused_kernels():
+        return _train_step(nets, opt_G, opt_D, inputs, settings, world, autocast)
+
+
+
+def _train_step(nets, opt_G, opt_D, inputs, settings, world, autocast):
     G, D = nets.G, nets.D
     reals, z_d, z_g, mix, alpha = inputs
     D.requires_grad_(True)
