@@ -108,8 +108,9 @@ def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp"
 
     Reals and fakes are scored in one pass (`scores_in_one_pass`: minibatch stddev groups never mix them), the
     penalty's mixed images in a second one. Folding the mixed images into the same pass was measured and is
-    slower (bench/bench_train.py; paper nets, 2 CPU threads: 0.95x at 4 px, 1.0x at 8 px, 0.75x at 16 px of the
-    three-pass D step, against 1.2x / 1.28x / 1.08x for this one): the penalty differentiates D w.r.t. its input
+    slower (the D step alone, timed by hand while writing issue #17, paper nets, batch 16, 2 CPU threads: 0.95x at
+    4 px, 1.0x at 8 px, 0.75x at 16 px of the three-pass D step, against 1.2x / 1.28x / 1.08x for this one; the
+    whole step: README "Training step"): the penalty differentiates D w.r.t. its input
     with create_graph, and in a joint pass that first-order backward and its double backward run over all 3N
     rows, two thirds of them zeros, which costs more than the one forward call saved.
     The drift term needs no resolution factor: it is D's score, which the official upscaling leaves unchanged
