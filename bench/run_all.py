@@ -20,7 +20,7 @@ RUNS = [
     ("crop (MTCNN, real photos x4, camera-sized)", ["bench_crop.py", "--images", "../shared/data/photos",
                                                     "--threads", "2", "--upscale", "4"]),
     ("pyramid + loader", ["bench_data.py", "--n", "2010", "--size", "128"]),
-    ("training step", ["bench_train.py", "--threads", "2"]),
+    ("training step, old vs new (#17)", ["bench_train.py", "--threads", "2"]),
     # 16,384 images at 128 px: ~3 min on an idle 2-core CPU; the numpy reference runs on 512 and is extrapolated.
     ("SWD 16,384 images at 128 px", ["bench_swd.py"]),
     # 20 SIGKILLs on a tiny train@8, re-run after each, vs an uninterrupted run: ~80 s (mostly interpreter start-up).
@@ -32,12 +32,15 @@ RUNS = [
 # H200-class device: paper nets up to 128 px in fp32 and bf16 (train.amp) and channels_last, SWD on the device,
 # MTCNN on the whole 2,010-image set and on camera-sized photos, the loader with the level on the device.
 GPU_RUNS = [
+    # old (before #17) and new step interleaved: 2 rounds x 2 variants x --paper-steps steps per resolution
     ("training step, paper nets to 128 px, fp32", ["bench_train.py", "--tiny-res", "4", "32", "--paper-res", "4", "8",
-                                                   "16", "32", "64", "128", "--steps", "50", "--paper-steps", "20"]),
+                                                   "16", "32", "64", "128", "--steps", "25", "--paper-steps", "10",
+                                                   "--reps", "2"]),
     ("training step, paper nets to 128 px, bf16 autocast", ["bench_train.py", "--tiny-res", "--paper-res", "16", "64",
-                                                            "128", "--paper-steps", "20", "--amp"]),
+                                                            "128", "--paper-steps", "10", "--reps", "2", "--amp"]),
     ("training step, paper nets, bf16 + channels_last", ["bench_train.py", "--tiny-res", "--paper-res", "64", "128",
-                                                         "--paper-steps", "20", "--amp", "--channels-last"]),
+                                                         "--paper-steps", "10", "--reps", "2", "--amp",
+                                                         "--channels-last"]),
     ("SWD 16,384 images at 128 px on the GPU", ["bench_swd.py", "--device", "cuda", "--ref-images", "256"]),
     ("crop (MTCNN on the GPU, CelebA)", ["bench_crop.py", "--device", "cuda", "--threads", "16"]),
     ("crop (MTCNN on the GPU, photos x4)", ["bench_crop.py", "--device", "cuda", "--threads", "16",

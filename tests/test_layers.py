@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from progan.errors import ProganError
+from progan.model import layers
 from progan.model.layers import (ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
                                  minibatch_stddev, pixel_norm, upsample2x)
 
@@ -73,6 +74,23 @@ def test_minibatch_stddev_small_batch_and_bad_batch():
         minibatch_stddev(torch.zeros(6, 1, 4, 4), 4)
 
 
+def test_minibatch_stddev_of_parts_is_the_layer_on_each_part_alone():
+    """parts = 3 (the training step's reals, fakes and mixed images in one pass): each part's output is bit for bit
+    the layer applied to that part alone, also when a part is smaller than the group (a rank's slice); groups never
+    take samples from two parts."""
+    torch.manual_seed(3)
+    for n, group in ((8, 4), (2, 4), (12, 4), (4, 1)):
+        parts = [torch.randn(n, 5, 4, 4, dtype=torch.float64) for _ in range(3)]
+        joint = minibatch_stddev(torch.cat(parts), group, parts=3)
+        assert torch.equal(joint, torch.cat([minibatch_stddev(p, group) for p in parts])), (n, group)
+    # the same values in two parts with a different third part: the first two parts' statistics do not move
+    a, b = torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1)
+    assert torch.equal(minibatch_stddev(torch.cat([a, a, b]), 4, 3)[:8], minibatch_stddev(torch.cat([a, a, a]), 4, 3)[:8])
+    assert not torch.equal(minibatch_stddev(torch.cat([a, b]), 4)[:4], minibatch_stddev(a, 4))   # one part: mixed
+    with pytest.raises(ProganError, match="does not split into 3 equal parts"):
+        minibatch_stddev(torch.zeros(8, 1, 4, 4), 4, parts=3)
+
+
 def test_up_and_down_sampling_values():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
     up = upsample2x(x)
@@ -93,6 +111,55 @@ def test_fused_convs_equal_unfused_official_semantics():
     ref_down = downsample2x(F.conv2d(x, down.weight * down.scale, None, padding=1)) + down.bias.view(1, -1, 1, 1)
     assert torch.allclose(down(x), ref_down, rtol=0, atol=1e-12)
     assert up.scale == down.scale == pytest.approx(math.sqrt(2) / math.sqrt(45))
+
+
+def _official_fused_kernel(w3: torch.Tensor, down: bool) -> torch.Tensor:
+    """The 4x4 kernel as the official code builds it (networks.py `upscale2d_conv2d` / `conv2d_downscale2d`), in
+    its HWIO layout: w = tf.pad(w, [[1, 1], [1, 1], [0, 0], [0, 0]]); w = tf.add_n([w[1:, 1:], w[:-1, 1:],
+    w[1:, :-1], w[:-1, :-1]]) (* 0.25 for the downscale)."""
+    w = w3.permute(2, 3, 1, 0)                                          # [O, I, 3, 3] -> HWIO [3, 3, I, O]
+    w = F.pad(w, (0, 0, 0, 0, 1, 1, 1, 1))                              # pad H and W by 1
+    w = w[1:, 1:] + w[:-1, 1:] + w[1:, :-1] + w[:-1, :-1]
+    return (w * 0.25 if down else w).permute(3, 2, 0, 1)                # back to [O, I, 4, 4]
+
+
+def test_fused_kernels_are_the_official_padded_sums():
+    """The one-GEMM kernels (`layers._fused_kernel`) equal the official tf.pad + tf.add_n construction, and so do
+    the layers' outputs and their gradients w.r.t. the input and the weight (float64, 1e-12)."""
+    torch.manual_seed(4)
+    for cls in (ConvDown2d, UpConv2d):
+        layer = cls(5, 7).double()                                      # weight [out 7, in 5, 3, 3]
+        with torch.no_grad():
+            layer.bias.normal_()
+        scaled = layer.weight * layer.scale
+        x = torch.randn(3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+        if cls is ConvDown2d:
+            official = _official_fused_kernel(scaled, down=True)       # [out, in, 4, 4]
+            ours = layers._fused_kernel(layer.weight, layer.scale * 0.25)
+            ref_out = F.conv2d(x, official, layer.bias, stride=2, padding=1)
+        else:     # built from the spatially flipped weight (UpConv2d docstring), in conv_transpose's [in, out] layout
+            official = _official_fused_kernel(scaled.flip(2, 3), down=False).transpose(0, 1)
+            ours = layers._fused_kernel(layer.weight.transpose(0, 1), layer.scale, flip=True)
+            ref_out = F.conv_transpose2d(x, official, layer.bias, stride=2, padding=1)
+        torch.testing.assert_close(ours, official, rtol=0, atol=1e-12)
+        out = layer(x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+        probe = torch.randn_like(out)
+        got = torch.autograd.grad((out * probe).sum(), [x, layer.weight])
+        want = torch.autograd.grad((ref_out * probe).sum(), [x, layer.weight])
+        for g, h in zip(got, want):
+            torch.testing.assert_close(g, h, rtol=0, atol=1e-12)
+
+
+def test_fused_kernel_matrix_made_under_inference_mode_still_trains():
+    """The [9, 16] matrix is cached per (scale, flip, dtype, device): made first under inference_mode (sampling
+    before training in one process), it must still be usable by autograd afterwards."""
+    layers._pad_and_sum_matrix.cache_clear()
+    layer = ConvDown2d(3, 4)
+    with torch.inference_mode():
+        layer(torch.randn(2, 3, 8, 8))
+    layer(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
 
 
 def test_layers_under_channels_last_and_bf16_autocast():

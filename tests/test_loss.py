@@ -16,10 +16,11 @@ class SumCritic(nn.Module):
     def __init__(self, c: float):
         super().__init__()
         self.c = nn.Parameter(torch.tensor(c, dtype=torch.float64))
-        self.alphas = []
+        self.alphas, self.calls = [], []
 
-    def forward(self, x, alpha=1.0):
+    def forward(self, x, alpha=1.0, parts=1):
         self.alphas.append(alpha)
+        self.calls.append((x.shape[0], parts))
         return self.c * x.flatten(1).sum(1)
 
 
@@ -75,6 +76,7 @@ def test_d_loss_and_g_loss_hand_values():
     assert loss.item() == pytest.approx(-1 - 2 + 10 * 0.25 + 0.001 * 4)   # = -0.496
     assert all(not p.requires_grad for p in parts.values())
     assert set(D.alphas) == {0.5}
+    assert D.calls == [(6, 2), (3, 1)]          # reals and fakes in one pass of 2 parts, then the mixed images
     loss, parts = d_loss(D, reals, fakes, 0.5, gp_weight=2.0, drift_weight=0.5)
     assert loss.item() == pytest.approx(-1 - 2 + 2 * 0.25 + 0.5 * 4)
     loss, parts = d_loss(D, reals, fakes, 0.5, gp_weight=0.0)

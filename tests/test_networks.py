@@ -42,6 +42,18 @@ def test_mbstd_group_size_1_disables_the_layer():
     assert Discriminator(TINY, 8).blocks["4"].conv.weight.shape[1] == 17
 
 
+def test_discriminator_scores_parts_of_one_batch_as_if_alone():
+    """D(x, alpha, parts=k) on k stacked minibatches = D on each (the minibatch stddev is per part, every other
+    layer per sample), fading or not; with parts=1 a batch of reals and fakes would share groups and differ."""
+    torch.manual_seed(5)
+    D = Discriminator(TINY, 8).double()
+    a, b = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64) * 3
+    for alpha in (1.0, 0.3):
+        joint = D(torch.cat([a, b]), alpha, parts=2)
+        torch.testing.assert_close(joint, torch.cat([D(a, alpha), D(b, alpha)]), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(D(torch.cat([a, b]), alpha)[:8], D(a, alpha))
+
+
 def test_parameter_count_of_the_paper_networks_at_1024():
     # Official README: G 23.1M and D 23.1M parameters at 1024x1024 (every toRGB/fromRGB included).
     with torch.device("meta"):

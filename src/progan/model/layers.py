@@ -11,6 +11,7 @@ The scale factors are Python floats, so nothing is allocated per call except the
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -88,7 +89,7 @@ def downsample2x(x: Tensor) -> Tensor:
     return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
-def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
+def minibatch_stddev(x: Tensor, group_size: int, parts: int = 1) -> Tensor:
     """Append one feature map: the stddev over each group of samples, averaged over C, H, W (paper §3).
 
     Follows the official `minibatch_stddev_layer` exactly: G = min(group_size, N); the batch is reshaped to
@@ -96,20 +97,60 @@ def minibatch_stddev(x: Tensor, group_size: int) -> Tensor:
     variance over the group (divide by G), sqrt(var + 1e-8), mean over C, H, W, computed in >= fp32, then cast
     back and replicated over the group and pixels. [N, C, H, W] -> [N, C + 1, H, W].
     N must be divisible by G (the official code fails on the reshape otherwise); we raise ProganError.
+
+    `parts` > 1: x is that many minibatches of N / parts samples stacked along dim 0 (the training step's one
+    critic pass over reals, fakes and mixed images, train/step.py); each part gets exactly the layer it would get
+    alone (N / parts in place of N above), so groups never mix samples of two parts.
     """
-    n, c, h, w = x.shape
+    total, c, h, w = x.shape
+    if parts < 1 or total % parts:
+        raise ProganError(f"minibatch stddev: a batch of {total} does not split into {parts} equal parts")
+    n = total // parts                                   # samples per part
     g = min(group_size, n)
     if n % g != 0:
         raise ProganError(
             f"minibatch stddev: batch of {n} is not divisible by the group size {g}; use a per-device batch "
             f"that is a multiple of model.mbstd_group_size ({group_size}) or smaller than it")
-    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(g, n // g, c, h, w)   # [GMCHW], >= fp32
-    y = y - y.mean(dim=0, keepdim=True)                  # subtract the group mean
-    y = y.square().mean(dim=0)                           # [MCHW] variance over the group
-    y = (y + MBSTD_EPS).sqrt()                           # [MCHW] stddev
-    y = y.mean(dim=(1, 2, 3))                            # [M] average over fmaps and pixels
-    y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)  # [N1HW]
+    m = n // g
+    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(parts, g, m, c, h, w)   # [PGMCHW], >= fp32
+    y = y - y.mean(dim=1, keepdim=True)                  # subtract the group mean
+    y = y.square().mean(dim=1)                           # [PMCHW] variance over the group
+    y = (y + MBSTD_EPS).sqrt()                           # [PMCHW] stddev
+    y = y.mean(dim=(2, 3, 4))                            # [PM] average over fmaps and pixels
+    y = y.to(x.dtype).reshape(parts, 1, m, 1, 1, 1).expand(parts, g, m, 1, h, w).reshape(total, 1, h, w)  # [N1HW]
     return torch.cat([x, y], dim=1)
+
+
+# The fused layers' 4x4 kernel from the 3x3 one, as the official code builds it (networks.py `upscale2d_conv2d`,
+# `conv2d_downscale2d`: tf.pad by 1, then tf.add_n of the four shifted 4x4 slices): row i of the result sums rows
+# i - 1 and i of the 3x3 (zero outside), i.e. k4 = A k3 A^T with A below, and vec(k4) = (A kron A) vec(k3).
+_PAD_AND_SUM = ((1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0))   # A [4, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def _pad_and_sum_matrix(factor: float, flip: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[9, 16]: a flattened 3x3 kernel times it = `factor` x the official 4x4 kernel of (the spatially flipped, if
+    `flip`) 3x3 kernel. Entries are 0 and `factor` (in `dtype`, as `weight * scale` rounds it): the equalized-lr
+    scale folded in (times 1/4 for the pooling, exact). Made once per layer kind, dtype and device."""
+    with torch.inference_mode(False):         # cached: a first call under inference_mode must not make it an
+        a = torch.tensor(_PAD_AND_SUM, dtype=torch.float64)   # inference tensor (autograd could not save it later)
+        if flip:
+            a = a.flip(1)                                          # A flip(k) A^T: the flipped kernel's padded sum
+        return (torch.kron(a, a) * factor).t().contiguous().to(device=device, dtype=dtype)
+
+
+def _fused_kernel(weight: Tensor, factor: float, flip: bool = False) -> Tensor:
+    """[O, I, 3, 3] weight -> [O, I, 4, 4] kernel in one GEMM [O*I, 9] @ [9, 16] (and one in the backward). The
+    official construction written as pad + four slices + three sums is five passes over the weight each way
+    (its backward fills four zeroed 5x5 copies): with the paper nets on the CPU the GEMM makes the whole training
+    step 1.24x faster at 8 px and 1.19x at 16 px (bench/bench_train.py --kernel-ab, 2026-12-01, README). The same
+    terms summed (each output is at most 4 of the 9 weights times `factor`), rounded differently in the last bit
+    (the GEMM may fuse multiplies and adds, and orders the additions its own way); autocast off, so the kernel is
+    built in the weight's precision as before (bf16 autocast casts it in the conv, as it did)."""
+    o, i = weight.shape[:2]
+    matrix = _pad_and_sum_matrix(factor, flip, weight.dtype, weight.device)
+    with torch.autocast(weight.device.type, enabled=False):
+        return (weight.reshape(o * i, 9) @ matrix).view(o, i, 4, 4)
 
 
 class UpConv2d(EqualizedConv2d):
@@ -120,15 +161,15 @@ class UpConv2d(EqualizedConv2d):
     FLOPs of upsample + conv and is the same linear map. Deviation: we build the 4x4 kernel from the spatially
     flipped weight, so the result equals `conv3x3(upsample2x(x))` with THIS weight exactly up to float rounding
     (the official code does not flip; with N(0,1)-initialised learned weights that is only a relabelling).
+    The kernel is one GEMM (`_fused_kernel`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
         super().__init__(in_channels, out_channels, 3, gain)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = (self.weight * self.scale).flip(2, 3).transpose(0, 1)   # [in, out, 3, 3] (conv_transpose layout)
-        w = F.pad(w, (1, 1, 1, 1))                                   # [in, out, 5, 5]
-        w = w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]  # [in, out, 4, 4]
+        w = self.weight.transpose(0, 1)                              # [in, out, 3, 3] (conv_transpose layout)
+        w = _fused_kernel(w, self.scale, flip=True)                  # [in, out, 4, 4], flipped and scaled
         return F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
 
 
@@ -137,13 +178,13 @@ class ConvDown2d(EqualizedConv2d):
 
     Official `D_paper` default `fused_scale=True` (`conv2d_downscale2d`): padded 3x3 kernel, four shifted copies
     summed and scaled by 1/4. Equals `downsample2x(conv3x3(x))` up to float rounding, at 4/9 of the FLOPs.
-    The bias is added after the downsample (it commutes with averaging), as in the official code.
+    The bias is added after the downsample (it commutes with averaging), as in the official code. The kernel is
+    one GEMM (`_fused_kernel`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
         super().__init__(in_channels, out_channels, 3, gain)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = F.pad(self.weight * self.scale, (1, 1, 1, 1))           # [out, in, 5, 5]
-        w = (w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]) * 0.25  # [out, in, 4, 4]
+        w = _fused_kernel(self.weight, self.scale * 0.25)            # [out, in, 4, 4], scaled, / 4
         return F.conv2d(x, w, self.bias, stride=2, padding=1)

@@ -187,9 +187,9 @@ class _DLastBlock(nn.Module):
         self.dense0 = EqualizedLinear(nf * 16, nf_dense)               # official Dense0: nf(res - 2) = nf(0)
         self.dense1 = EqualizedLinear(nf_dense, 1, gain=1.0)           # official Dense1 gain=1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, parts: int = 1) -> Tensor:
         if self.mbstd_group_size > 1:
-            x = minibatch_stddev(x, self.mbstd_group_size)             # [N, nf + 1, 4, 4]
+            x = minibatch_stddev(x, self.mbstd_group_size, parts)      # [N, nf + 1, 4, 4]
         x = leaky_relu(self.conv(x))
         x = leaky_relu(self.dense0(x.flatten(1)))                       # NCHW flatten order, as tf.reshape
         return self.dense1(x)                                           # [N, 1]
@@ -213,7 +213,11 @@ class _DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """[N, num_channels, res_px, res_px] images -> [N] scores (linear, no sigmoid)."""
+    """[N, num_channels, res_px, res_px] images -> [N] scores (linear, no sigmoid).
+
+    `parts`: x is that many equal minibatches stacked along dim 0, scored in one pass; the minibatch stddev is
+    computed within each part (layers.minibatch_stddev), every other layer is per sample, so each part's scores
+    are those of D on that part alone (train/step.py scores reals and fakes this way)."""
 
     def __init__(self, cfg: ModelConfig, res_px: int):
         super().__init__()
@@ -229,7 +233,7 @@ class Discriminator(nn.Module):
             else:
                 self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2))
 
-    def forward(self, x: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+    def forward(self, x: Tensor, alpha: float | Tensor = 1.0, parts: int = 1) -> Tensor:
         top = self.res_px
         want = (self.cfg.num_channels, top, top)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -243,7 +247,7 @@ class Discriminator(nn.Module):
                 h = _lerp(old, h, w)                                    # official Grow_lod: lerp on features
             for res in reversed(_resolutions(top)[1:-1]):
                 h = self.blocks[str(res)](h)
-        return self.blocks["4"](h).squeeze(1)                           # [N]
+        return self.blocks["4"](h, parts).squeeze(1)                    # [N]
 
 
 # ------------------------------------------------------------------------------------------------- growing

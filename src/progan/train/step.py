@@ -16,7 +16,7 @@ import torch
 
 from progan.model.networks import fade_reals
 from progan.train import data, dist
-from progan.train.loss import d_loss, g_loss, gradient_penalty
+from progan.train.loss import d_loss, g_loss
 from progan.train.nonfinite import SKIP_KEYS, STAT_KEYS, step_if_finite
 
 if TYPE_CHECKING:
@@ -93,19 +93,16 @@ def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Setting
     """
     G, D = nets.G, nets.D
     reals, z_d, z_g, mix, alpha = inputs
-    # D step: fakes from G without graph; WGAN-GP loss with drift (loss.py). The penalty is added here with
-    # our own `mix` (drawn from cur_nimg like the latents) rather than loss.py's global-RNG draw, so that
-    # k GPUs compute exactly the single-GPU minibatch and a resumed run needs no RNG state.
+    # D step: fakes from G without graph; the WGAN-GP loss with drift (loss.d_loss: reals and fakes scored in one
+    # pass, the penalty's mixed images in a second). The penalty uses our own `mix` (drawn from cur_nimg like the
+    # latents) rather than the global RNG, so that k GPUs compute exactly the single-GPU minibatch and a resumed
+    # run needs no RNG state.
     D.requires_grad_(True)
     with torch.no_grad(), autocast():
         fakes = G(z_d, alpha)
-    use_gp = settings.loss == "wgan-gp" and settings.gp_weight > 0
     with autocast():
-        loss_D, parts = d_loss(D, reals, fakes, alpha, settings.loss, 0.0, settings.drift_weight)
-        if use_gp:
-            gp = gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=settings.gp_resolution_factor)
-            loss_D = loss_D + settings.gp_weight * gp
-            parts = {**parts, "gp": gp.detach()}
+        loss_D, parts = d_loss(D, reals, fakes, alpha, settings.loss, settings.gp_weight, settings.drift_weight,
+                               settings.gp_resolution_factor, mix=mix)
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     dist.average_gradients(list(D.parameters()), world)
@@ -119,10 +116,9 @@ def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Setting
     dist.average_gradients(list(G.parameters()), world)
     g_skipped = step_if_finite(opt_G)
     ema_update(nets.G_ema, G, settings.ema_decay)      # also after a skipped G step, as official Gs_update_op
-    zero = loss_D.detach().new_zeros(())
-    return torch.stack([loss_D.detach().float(), loss_G.detach().float(),
-                        *[parts.get(k, zero).detach().float().mean() for k in ("gp", "d_real", "d_fake")],
-                        d_skipped.to(zero.device), g_skipped.to(zero.device)])
+    dtype = torch.promote_types(loss_D.dtype, torch.float32)         # fp32 (fp64 nets in the tests: fp64)
+    return torch.stack([loss_D.detach(), loss_G.detach(), *(parts[k] for k in ("gp", "d_real", "d_fake")),
+                        d_skipped.to(loss_D.device), g_skipped.to(loss_D.device)]).to(dtype)
 
 
 @torch.no_grad()
