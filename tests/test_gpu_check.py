@@ -1,0 +1,105 @@
+"""`make test-gpu` (bench/gpu_check.py) and the device script (.ci/device-check) where there is no GPU: the summary
+is written when every gpu test skips, a run past its timeout is stopped and said so, bad arguments are one line.
+What they do on a GPU is for a lent device (README, GPU section)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _gpu_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """bench/gpu_check.py with torch seeing no CUDA device (CUDA_VISIBLE_DEVICES empty: so also on a GPU box)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path / "o"), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    summary_path = tmp_path / "o" / "summary.json"
+    return proc, json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+
+def test_the_summary_when_every_gpu_test_skips(tmp_path):
+    proc, summary = _gpu_check(tmp_path, "--", "tests/test_cuda.py", "-k", "one_training_step and fp32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tests = summary["tests"]
+    assert tests["rc"] == 0 and not tests["timed_out"]
+    names = {t["test"]: t for t in tests["tests"]}
+    assert set(names) == {"tests/test_cuda.py::test_one_training_step_matches_the_cpu[cuda-fp32]",
+                          "tests/test_cuda.py::test_one_training_step_matches_the_cpu[cuda-fp32-channels-last]"}, names
+    for t in names.values():        # the cpu-self-check cases carry no gpu marker: not selected
+        assert t["outcome"] == "skipped" and "no CUDA device" in t["message"], t
+    assert tests["counts"] == {"passed": 0, "failed": 0, "error": 0, "skipped": 2}
+    m = summary["machine"]
+    assert m["cuda_available"] is False and m["gpus"] == [] and m["torch"] and m["date_utc"].endswith("Z")
+    assert summary["benchmarks"] == [] and "no CUDA device" in summary["benchmarks_note"]
+    assert summary["ok"] is True
+    log = (tmp_path / "o" / "test-gpu.log").read_text()
+    assert "SKIPPED" in log and "=== test-gpu: ok" in log and (tmp_path / "o" / "junit.xml").is_file()
+
+
+def test_gpu_tests_past_their_timeout_are_stopped_and_reported(tmp_path):
+    proc, summary = _gpu_check(tmp_path, "--tests-timeout-s", "1", "--", "tests/test_cuda.py")
+    assert proc.returncode == 1
+    assert summary["tests"]["timed_out"] is True and summary["tests"]["rc"] is None and summary["ok"] is False
+    assert "=== gpu tests: killed after 1 s" in (tmp_path / "o" / "test-gpu.log").read_text()
+
+
+def test_bad_arguments_are_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--budget-s", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--budget-s and --tests-timeout-s must be positive" in proc.stderr
+
+
+def test_figures_use_no_more_faces_than_the_device_was_given():
+    runs = dict(gpu_check.figure_runs(1000))
+    assert runs.keys() == {title for title, _ in gpu_check.run_all.GPU_RUNS}
+    for title, argv in runs.items():
+        if argv[0] in ("bench_crop.py", "bench_data.py") and "--images" not in argv:
+            assert argv[argv.index("--n") + 1] == "1000", (title, argv)
+    assert dict(gpu_check.figure_runs(5000)) != runs
+    assert dict(gpu_check.figure_runs(5000))["pyramid + loader"] == ["bench_data.py", "--n", "2010", "--size", "128"]
+
+
+def test_verbose_outcomes_read_a_killed_run():
+    lines = ["tests/test_cuda.py::test_a[cuda] PASSED  [ 10%]\n", "noise\n",
+             "tests/test_cuda.py::test_b[cuda] SKIPPED (no CUDA device)\n"]
+    assert [(t["test"], t["outcome"]) for t in gpu_check.verbose_outcomes(lines)] == [
+        ("tests/test_cuda.py::test_a[cuda]", "passed"), ("tests/test_cuda.py::test_b[cuda]", "skipped")]
+
+
+@pytest.fixture
+def device_check(tmp_path) -> Path:
+    """.ci/device-check in an empty checkout of its own (no .device/): nothing of this checkout is touched."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(REPO / ".ci" / "device-check", tmp_path / ".ci" / "device-check")
+    return tmp_path / ".ci" / "device-check"
+
+
+@pytest.mark.parametrize("argv, rc, needle", [
+    (["--help"], 0, "device-check run [--timeout-s S]"),
+    (["run", "--help"], 0, "carry=[\".device\"]"),
+    ([], 2, "device-check prepare"),
+    (["bogus"], 2, "device-check: unknown command 'bogus'"),
+    (["run", "--timeout-s"], 2, "device-check: --timeout-s needs a number of seconds"),
+    (["run", "--timeout-s", "0"], 2, "device-check: --timeout-s must be a positive whole number, not '0'"),
+    (["prepare", "--images", "many"], 2, "device-check: --images must be a whole number, not 'many'"),
+    (["run", "--fast"], 2, "device-check: unknown argument '--fast' for run"),
+    (["run"], 2, "device-check: no .device/wheels: run '.ci/device-check prepare' here first and carry .device"),
+])
+def test_device_check_arguments(device_check, argv, rc, needle):
+    proc = subprocess.run(["bash", str(device_check), *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, proc.stderr
+    assert needle in (proc.stdout if rc == 0 else proc.stderr), (proc.stdout, proc.stderr)
+    if rc == 2 and argv:
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
