@@ -444,8 +444,8 @@ def test_snakemake_dag_on_the_gpu(faces, tmp_path):  # noqa: F811 (faces: the fi
     """The whole tiny DAG through the real `snakemake --cores 2 --resources gpu=1` with `train.gpus: auto` on the
     first GPU (tests/test_simulated_devices.py runs the same checks with a simulated device): every GPU job (crop,
     train, evaluate) leases the device once, training and evaluation run on CUDA, the checkpoints load on the CPU,
-    and the final G_ema gives the same images on CUDA and on the CPU (uint8, at most 2 levels apart: cuDNN's
-    default TF32 convolutions move the outputs by ~1e-3 of their range)."""
+    and the final G_ema gives the same images on CUDA (fp32: cuDNN's TF32 off) and on the CPU: uint8, at most 1
+    level apart, in under 1% of the values (a value within rounding of a level's edge may fall either side)."""
     device = first_devices(1)
     ws, logs = run_dag_on_one_device(faces, tmp_path, device)
     for r in (4, 8):
@@ -454,9 +454,10 @@ def test_snakemake_dag_on_the_gpu(faces, tmp_path):  # noqa: F811 (faces: the fi
         assert json.loads((ws / paths.train_json(r)).read_text())["device"] == "cuda"
     ckpt = ws / paths.checkpoint(8)
     on_cpu = progan.load_generator(ckpt, device="cpu").sample(16, seed=0)
-    on_gpu = progan.load_generator(ckpt, device="cuda").sample(16, seed=0)
+    with tf32(False):
+        on_gpu = progan.load_generator(ckpt, device="cuda").sample(16, seed=0)
     diff = np.abs(on_cpu.astype(int) - on_gpu.astype(int))
-    assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 # ------------------------------------------------------------------------------------------ CUDA out of memory
