@@ -15,7 +15,7 @@ install:
 test:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
-# The `gpu` tests, then `make bench-gpu`'s figures, inside ~7.5 min on one H100/H200: bench/out/gpu/ gets
+# The `gpu` tests, then shortened `make bench-gpu` figures, inside ~6 min on one H100/H200: bench/out/gpu/ gets
 # test-gpu.log and summary.json (bench/gpu_check.py --help). From a fresh checkout on a lent device: .ci/device-check.
 test-gpu:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)

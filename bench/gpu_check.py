@@ -84,11 +84,29 @@ def verbose_outcomes(lines: list[str]) -> list[dict]:
     return rows
 
 
-def figure_runs(n_celeba: int) -> list[tuple[str, list[str]]]:
-    """`make bench-gpu`'s runs (bench/run_all.py GPU_RUNS), with --n no larger than the CelebA images present (a
-    device that was given a subset of ../shared/data)."""
+# The figures of `make bench-gpu` (run_all.GPU_RUNS, ~8 min on one H200 by itself), each cut to what fits beside
+# the tests: fewer timed steps and resolutions, 4,096 images for SWD, 500 for MTCNN. --full-bench runs GPU_RUNS.
+QUICK_GPU_RUNS = [
+    ("training step, tiny + paper nets, fp32", ["bench_train.py", "--tiny-res", "4", "32", "--paper-res", "16", "64",
+                                               "128", "--steps", "20", "--paper-steps", "10"]),
+    ("training step, paper nets, bf16 autocast", ["bench_train.py", "--tiny-res", "--paper-res", "64", "128",
+                                                  "--paper-steps", "10", "--amp"]),
+    ("training step, paper nets, bf16 + channels_last", ["bench_train.py", "--tiny-res", "--paper-res", "128",
+                                                         "--paper-steps", "10", "--amp", "--channels-last"]),
+    ("SWD 4,096 images at 128 px on the GPU", ["bench_swd.py", "--device", "cuda", "--images", "4096",
+                                               "--ref-images", "256"]),
+    ("crop (MTCNN on the GPU, CelebA)", ["bench_crop.py", "--device", "cuda", "--threads", "16", "--n", "500"]),
+    ("crop (MTCNN on the GPU, photos x4)", ["bench_crop.py", "--device", "cuda", "--threads", "16", "--no-stage",
+                                            "--images", "../shared/data/photos", "--upscale", "4"]),
+    ("pyramid + loader", ["bench_data.py", "--n", "1000", "--size", "128", "--batches", "50"]),
+]
+
+
+def figure_runs(n_celeba: int, full: bool = False) -> list[tuple[str, list[str]]]:
+    """The benchmark runs (QUICK_GPU_RUNS, or bench/run_all.py's GPU_RUNS when `full`), with --n no larger than the
+    CelebA images present (a device that was given a subset of ../shared/data)."""
     runs = []
-    for title, argv in run_all.GPU_RUNS:
+    for title, argv in run_all.GPU_RUNS if full else QUICK_GPU_RUNS:
         argv = list(argv)
         if "--n" in argv:
             i = argv.index("--n") + 1
@@ -105,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=360, help="the whole run, tests and benchmarks (default 360)")
     ap.add_argument("--tests-timeout-s", type=float, default=240, help="the gpu tests at most (default 240)")
     ap.add_argument("--no-bench", action="store_true", help="the gpu tests only")
+    ap.add_argument("--full-bench", action="store_true", help="make bench-gpu's full runs (~8 min) after the tests")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k one_training_step "
                     "(a path under tests/ replaces tests/)")
     args = ap.parse_args(argv)
@@ -211,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         log.write(f"=== benchmarks: {summary['benchmarks_note']}\n")
     else:
         n_celeba = len(list(CELEBA.glob("*.jpg"))) if CELEBA.is_dir() else 0
-        for title, bench_argv in figure_runs(n_celeba):
+        for title, bench_argv in figure_runs(n_celeba, args.full_bench):
             left = deadline - time.time()
             if left < 10:
                 summary["benchmarks"].append({"title": title, "argv": bench_argv, "rc": None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+
+BENCH = REPO / "bench"
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402
@@ -61,14 +64,29 @@ def test_bad_arguments_are_one_line():
     assert proc.returncode == 2 and "--budget-s and --tests-timeout-s must be positive" in proc.stderr
 
 
-def test_figures_use_no_more_faces_than_the_device_was_given():
-    runs = dict(gpu_check.figure_runs(1000))
-    assert runs.keys() == {title for title, _ in gpu_check.run_all.GPU_RUNS}
-    for title, argv in runs.items():
+@pytest.mark.parametrize("full", [False, True])
+def test_figures_use_no_more_faces_than_the_device_was_given(full):
+    runs = gpu_check.figure_runs(300, full)
+    assert [t for t, _ in runs] == [t for t, _ in (gpu_check.run_all.GPU_RUNS if full else gpu_check.QUICK_GPU_RUNS)]
+    scripts = {argv[0] for _, argv in runs}
+    assert scripts == {"bench_train.py", "bench_swd.py", "bench_crop.py", "bench_data.py"}
+    for title, argv in runs:
+        assert (BENCH / argv[0]).is_file()
         if argv[0] in ("bench_crop.py", "bench_data.py") and "--images" not in argv:
-            assert argv[argv.index("--n") + 1] == "1000", (title, argv)
-    assert dict(gpu_check.figure_runs(5000)) != runs
-    assert dict(gpu_check.figure_runs(5000))["pyramid + loader"] == ["bench_data.py", "--n", "2010", "--size", "128"]
+            assert argv[argv.index("--n") + 1] == "300", (title, argv)
+    assert dict(gpu_check.figure_runs(5000, True))["pyramid + loader"] == ["bench_data.py", "--n", "2010", "--size",
+                                                                           "128"]
+
+
+def test_quick_figures_take_arguments_the_benchmarks_know():
+    """Every flag QUICK_GPU_RUNS passes is one its script's argparse defines (their --help, no GPU needed)."""
+    helptexts = {}
+    for title, argv in gpu_check.QUICK_GPU_RUNS:
+        if argv[0] not in helptexts:
+            helptexts[argv[0]] = subprocess.run([sys.executable, str(BENCH / argv[0]), "--help"], capture_output=True,
+                                                text=True, timeout=120, cwd=REPO).stdout
+        for flag in (a for a in argv[1:] if a.startswith("--")):
+            assert re.search(rf"{flag}\b(?!-)", helptexts[argv[0]]), (title, flag)
 
 
 def test_verbose_outcomes_read_a_killed_run():
