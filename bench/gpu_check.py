@@ -117,6 +117,20 @@ def figure_runs(n_celeba: int, full: bool = False) -> list[tuple[str, list[str]]
     return runs
 
 
+def run_figure(title: str, argv: list[str], timeout_s: float, log: Log) -> dict:
+    """run_all.run_one, plus the JSON file the script wrote under bench/out/ during the run (bench_train and
+    bench_data print only part of their figures), as `written`."""
+    written = REPO / "bench" / "out" / (Path(argv[0]).stem + ".json")
+    before = written.stat().st_mtime_ns if written.exists() else None
+    result = run_all.run_one(title, argv, timeout_s=timeout_s, log=log)
+    if written.exists() and written.stat().st_mtime_ns != before:
+        try:
+            result["written"] = json.loads(written.read_text())
+        except ValueError:
+            result["written"] = None
+    return result
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "gpu", help="folder for the log and JSON")
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "not_run": f"the {args.budget_s:.0f} s budget was spent"})
                 log.write(f"=== {title}: not run, the budget was spent\n")
                 continue
-            summary["benchmarks"].append(run_all.run_one(title, bench_argv, timeout_s=left, log=log))
+            summary["benchmarks"].append(run_figure(title, bench_argv, left, log))
             save()
     tests = summary["tests"]
     ran = [b for b in summary["benchmarks"] if "not_run" not in b]
