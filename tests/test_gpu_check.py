@@ -121,3 +121,61 @@ def test_device_check_arguments(device_check, argv, rc, needle):
     assert needle in (proc.stdout if rc == 0 else proc.stderr), (proc.stdout, proc.stderr)
     if rc == 2 and argv:
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A pure-Python wheel (one module) made by hand: what the device gets from .device/wheels, in small."""
+    import zipfile
+
+    name = "progan_devicecheck_probe"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{name}-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+@pytest.mark.slow
+def test_device_check_run_on_a_bare_machine_without_cuda(tmp_path):
+    """`.ci/device-check run` as on a lent device, here: a copy of the checkout with a .device/ of one wheel and the
+    data, no .venv and no ../shared/data beside it, and a python3 of its own on PATH (a fresh venv that sees this
+    one's packages, standing in for the device image's). It links .venv to that python's environment, installs the
+    wheel and the project, links ../shared/data to .device/data, runs make test-gpu (every gpu test skips: no CUDA)
+    and leaves the log, junit and summary in $OUT."""
+    import sysconfig
+
+    repo = tmp_path / "machine" / "repo"
+    ignore = shutil.ignore_patterns(".venv", ".device", "__pycache__", "*.egg-info", "out", ".pytest_cache")
+    for item in ("src", "tests", "bench", ".ci"):
+        shutil.copytree(REPO / item, repo / item, ignore=ignore, symlinks=True)
+    for item in ("Makefile", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / item, repo / item)
+    (repo / ".device" / "wheels").mkdir(parents=True)
+    _tiny_wheel(repo / ".device" / "wheels")
+    (repo / ".device" / "data").symlink_to(REPO.parent / "shared" / "data")
+    image = tmp_path / "image"
+    subprocess.run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(image)], check=True, timeout=120)
+    site = next((image / "lib").glob("python3*/site-packages"))
+    (site / "zz_this_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    out = tmp_path / "OUT"
+    out.mkdir()
+    env = {**os.environ, "PATH": f"{image / 'bin'}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["bash", str(repo / ".ci" / "device-check"), "run", "--timeout-s", "200", "--",
+                           "tests/test_cuda.py", "-k", "one_training_step and fp32"],
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert (repo / ".venv").resolve() == image.resolve()
+    assert (tmp_path / "machine" / "shared" / "data").resolve() == (REPO.parent / "shared" / "data").resolve()
+    assert subprocess.run([str(image / "bin" / "python"), "-c", "import progan_devicecheck_probe, progan, sys; "
+                           "sys.exit(0 if progan.__file__.startswith(sys.argv[1]) else 1)", str(repo)],
+                          timeout=60).returncode == 0                    # the wheel and this copy's progan installed
+    assert sorted(p.name for p in out.iterdir()) == ["device-check.log", "junit.xml", "summary.json", "test-gpu.log"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True and summary["tests"]["counts"]["skipped"] == 2
+    assert "make test-gpu exit status 0" in (out / "device-check.log").read_text()
