@@ -86,13 +86,14 @@ def verbose_outcomes(lines: list[str]) -> list[dict]:
 
 # The figures of `make bench-gpu` (run_all.GPU_RUNS, ~8 min on one H200 by itself), each cut to what fits beside
 # the tests: fewer timed steps and resolutions, 4,096 images for SWD, 500 for MTCNN. --full-bench runs GPU_RUNS.
-QUICK_GPU_RUNS = [
+QUICK_GPU_RUNS = [    # bench_train: the old (before #17) and the new step interleaved, 2 rounds (each order once)
     ("training step, tiny + paper nets, fp32", ["bench_train.py", "--tiny-res", "4", "32", "--paper-res", "16", "64",
-                                               "128", "--steps", "20", "--paper-steps", "10"]),
+                                               "128", "--steps", "10", "--paper-steps", "5", "--reps", "2"]),
     ("training step, paper nets, bf16 autocast", ["bench_train.py", "--tiny-res", "--paper-res", "64", "128",
-                                                  "--paper-steps", "10", "--amp"]),
+                                                  "--paper-steps", "5", "--reps", "2", "--amp"]),
     ("training step, paper nets, bf16 + channels_last", ["bench_train.py", "--tiny-res", "--paper-res", "128",
-                                                         "--paper-steps", "10", "--amp", "--channels-last"]),
+                                                         "--paper-steps", "5", "--reps", "2", "--amp",
+                                                         "--channels-last"]),
     ("SWD 4,096 images at 128 px on the GPU", ["bench_swd.py", "--device", "cuda", "--images", "4096",
                                                "--ref-images", "256"]),
     ("crop (MTCNN on the GPU, CelebA)", ["bench_crop.py", "--device", "cuda", "--threads", "16", "--n", "500"]),
