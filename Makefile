@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test bench bench-gpu demo
+.PHONY: install test test-gpu bench bench-gpu demo
 
 install:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,11 @@ install:
 
 test:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
+# The `gpu` tests, then shortened `make bench-gpu` figures, inside ~6 min on one H100/H200: bench/out/gpu/ gets
+# test-gpu.log and summary.json (bench/gpu_check.py --help). From a fresh checkout on a lent device: .ci/device-check.
+test-gpu:
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run_all.py

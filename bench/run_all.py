@@ -5,10 +5,12 @@ Each script also writes its own JSON under bench/out/. Budget: about 15 minutes 
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,45 @@ GPU_RUNS = [
 ]
 
 
+def run_one(title: str, argv: list[str], timeout_s: float | None = None, log=None) -> dict:
+    """One benchmark script as a subprocess, its output echoed (and written to `log`): {title, argv, rc, seconds,
+    results: the JSON objects it printed, one a line}. rc is None when it ran past timeout_s (then killed)."""
+    print(f"\n=== {title}: {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-u", str(BENCH / argv[0]), *argv[1:]], cwd=BENCH.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: list[str] = []
+    killed = []
+    timer = threading.Timer(timeout_s, lambda: (killed.append(True), proc.kill())) if timeout_s else None
+    if timer:
+        timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            if log is not None:
+                log.write(line)
+                log.flush()
+        rc = proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    timed_out = bool(killed)
+    seconds = time.time() - t0
+    results = []
+    for line in lines:
+        line = line.strip()
+        if line[:1] in "[{":
+            try:
+                results.append(json.loads(line))
+            except ValueError:
+                pass
+    status = f"ran past {timeout_s:.0f} s: killed" if timed_out else "ok" if rc == 0 else f"FAILED rc={rc}"
+    print(f"=== {title}: {status} in {seconds:.0f} s", flush=True)
+    return {"title": title, "argv": argv, "rc": None if timed_out else rc, "timed_out": timed_out,
+            "seconds": round(seconds, 1), "results": results}
+
+
 def main() -> int:
     gpu = "--gpu" in sys.argv[1:]
     if gpu:
@@ -58,13 +99,7 @@ def main() -> int:
             print("bench/run_all.py --gpu: no CUDA device here; run `make bench` for the CPU figures", file=sys.stderr)
             return 1
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    failed = 0
-    for title, argv in GPU_RUNS if gpu else RUNS:
-        print(f"\n=== {title}: {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        rc = subprocess.call([sys.executable, str(BENCH / argv[0]), *argv[1:]], cwd=BENCH.parent)
-        print(f"=== {title}: {'ok' if rc == 0 else f'FAILED rc={rc}'} in {time.time() - t0:.0f} s", flush=True)
-        failed += rc != 0
+    failed = sum(run_one(title, argv)["rc"] != 0 for title, argv in (GPU_RUNS if gpu else RUNS))
     return 1 if failed else 0
 
 

@@ -128,15 +128,23 @@ def _logs(ws: Path) -> dict[str, str]:
 def test_snakemake_dag_on_one_simulated_device(faces, tmp_path):
     """The whole tiny DAG through the real `snakemake --cores 2 --resources gpu=1`, train.gpus auto, one simulated
     device: every GPU job asks for 1, leases device 0, and finishes; the checkpoints load on the CPU."""
+    _, logs = run_dag_on_one_device(faces, tmp_path, "0")
+    assert "train 4 px on cpu x1" in logs["train_4"]          # no CUDA behind the simulated device
+
+
+def run_dag_on_one_device(faces: Path, tmp_path: Path, device: str) -> tuple[Path, dict[str, str]]:
+    """The tiny DAG from scratch through `snakemake --cores 2 --resources gpu=1` with CUDA_VISIBLE_DEVICES=device
+    (simulated here; a real GPU in tests/test_cuda.py): every GPU job leases that device once and asks for
+    nothing more, the checkpoints load on the CPU, the report exists. Returns the workspace and the jobs' logs."""
     ws = _copy(faces, tmp_path / "ws")
     for folder in ("data", "results"):
         shutil.rmtree(ws / folder, ignore_errors=True)
-    proc = _snakemake(ws, _env(tmp_path / "locks", "0"), "--cores", "2", "--resources", "gpu=1")
+    proc = _snakemake(ws, _env(tmp_path / "locks", device), "--cores", "2", "--resources", "gpu=1")
     assert proc.returncode == 0, proc.stderr[-5000:]
     logs = _logs(ws)
     gpu_jobs = ["crop", "train_4", "train_8", "evaluate_4", "evaluate_8"]
     for job in gpu_jobs:
-        assert logs[job].count("GPU lease: CUDA_VISIBLE_DEVICES=0") == 1, (job, logs[job][-2000:])
+        assert logs[job].count(f"GPU lease: CUDA_VISIBLE_DEVICES={device}") == 1, (job, logs[job][-2000:])
         assert "asked for" not in logs[job]
     for r in (4, 8):
         assert torch.load(ws / paths.checkpoint(r), weights_only=True, map_location="cpu")["res_px"] == r
@@ -145,6 +153,7 @@ def test_snakemake_dag_on_one_simulated_device(faces, tmp_path):
     assert re.findall(r"rule (crop|train|evaluate):.*?resources: [^\n]*gpu=(\d)", proc.stderr, re.S)
     for rule, gpu in re.findall(r"rule (crop|train|evaluate):.*?resources: [^\n]*gpu=(\d)", proc.stderr, re.S):
         assert gpu == "1", rule
+    return ws, logs
 
 
 def _planned_gpus(stderr: str) -> dict[str, set[str]]:

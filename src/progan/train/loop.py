@@ -96,7 +96,7 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
     cuda = device.type == "cuda"
     amp = want_amp and cuda                                          # bf16 autocast: CUDA only
     channels_last = want_channels_last and cuda
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    autocast = autocast_context(amp)
     deterministic_before = (torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
     _configure_determinism(deterministic, use_cuda)
@@ -180,9 +180,9 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                 if env.is_main and (bar is None or schedule.phase(sched, cur_nimg - sched.batch) != phase):
                     bar = _phase_bar(bar, sched, res, phase, cur_nimg)
 
-                inputs = step.step_inputs(seed, res, sched.batch, cur_nimg, x_u8, flip, alpha, nets.cfg.latent_dim,
-                                          device, channels_last, env.rank, env.world)
-                try:
+                try:     # a batch too large for the device fails in any allocation of the step, its inputs too
+                    inputs = step.step_inputs(seed, res, sched.batch, cur_nimg, x_u8, flip, alpha, nets.cfg.latent_dim,
+                                              device, channels_last, env.rank, env.world)
                     stats.add(step.train_step(nets, opt_G, opt_D, inputs, step_settings, env.world, autocast))
                 except torch.cuda.OutOfMemoryError as e:
                     raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done) from e
@@ -260,6 +260,12 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
 
 # --------------------------------------------------------------------------------------------------------------
 # Pieces of the loop.
+
+def autocast_context(amp: bool):
+    """The context each forward pass of a step runs in: bf16 autocast on CUDA for train.amp (the caller passes
+    amp only on CUDA), else nothing (fp32)."""
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
 
 def _phase_bar(bar, sched, res: int, phase: str, cur_nimg: int):
     """A progress bar (kimg) for the phase that starts, or is resumed, at cur_nimg; the previous one is closed."""
