@@ -97,6 +97,11 @@ def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Setting
     # pass, the penalty's mixed images in a second). The penalty uses our own `mix` (drawn from cur_nimg like the
     # latents) rather than the global RNG, so that k GPUs compute exactly the single-GPU minibatch and a resumed
     # run needs no RNG state.
+    # These fakes and the G step's come from the same G (only D is updated in between), but one G pass over
+    # [z_d; z_g] with a graph is slower: its backward then runs over 2N rows, half of them zero gradients (measured
+    # for issue #17, bench_train's interleaved rounds, 1 thread, load 3.9-4.7: 0.98x / 0.97x / 0.92x of this step,
+    # tiny nets 32 px, paper nets 4 / 8 px). The data path (step_inputs) and the EMA (one fused call) are 0.1-1.1%
+    # of the step, with nothing to fold.
     D.requires_grad_(True)
     with torch.no_grad(), autocast():
         fakes = G(z_d, alpha)
