@@ -42,10 +42,12 @@ NOT_OUTPUTS = {
     },
     "evaluate": {
         "crop.size": "only to check that --res is a training resolution",
+        "train.start_px": "only to check that --res is a training resolution",
         **_WEIGHTS_PATH,
     },
     "fid-stats": {
         "crop.size": "only to check that --res is a training resolution",
+        "train.start_px": "only to check that --res is a training resolution",
         "evaluate.fid.min_res_px": "only to check that --res is one it runs at (it decides which fid-stats jobs "
                                    "there are: pipeline.DAG_SHAPE_KEYS)",
         "evaluate.fid.batch": "images per Inception forward: the same statistics whatever the batch "

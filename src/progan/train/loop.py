@@ -129,7 +129,8 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
 
         # Resume from a mid-stage snapshot, if one was made with the same settings.
         key = {"res_px": res, "model": dataclasses.asdict(nets.cfg), "prev_checkpoint_sha256": nets.prev_sha256,
-               "seed": seed, "world": env.world, "batch": sched.batch}
+               "seed": seed, "world": env.world, "batch": sched.batch,
+               **{k: params.get(k) for k in checkpoint.TRAIN_SWITCHES}}       # never resume across a switch
         snap = checkpoint.load_snapshot(resume_path)
         if snap is not None and snap["key"] != key:
             log.warning("train %d px: %s was made with other %s; starting the stage over", res, resume_path,
@@ -185,7 +186,8 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                                               device, channels_last, env.rank, env.world)
                     stats.add(step.train_step(nets, opt_G, opt_D, inputs, step_settings, env.world, autocast))
                 except torch.cuda.OutOfMemoryError as e:
-                    raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done) from e
+                    raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done,
+                                          grows=nets.prev is not None) from e
                 cur_nimg += sched.batch
                 if bar is not None:
                     bar.update(sched.batch / 1000)
@@ -325,12 +327,12 @@ def _kept(resume_path: Path, snapshot_nimg: int | None) -> str:
 
 
 def _out_of_memory(err, res: int, sched, step_nimg: int, phase: str, resume_path: Path,
-                   snapshot_nimg: int | None) -> ProganError:
+                   snapshot_nimg: int | None, grows: bool = True) -> ProganError:
     """CUDA OOM in a training step: lower train.stages.<res>.batch. A snapshot resumes only with the batch it was
     made with (its key), so the message says the stage then restarts from the previous checkpoint."""
-    start = paths.checkpoint(res // 2) if res > 4 else "scratch"
+    start = paths.checkpoint(res // 2) if grows else "scratch"
     if snapshot_nimg is None:
-        kept = f"no snapshot yet; the stage restarts from {start}" + (", which is untouched" if res > 4 else "")
+        kept = f"no snapshot yet; the stage restarts from {start}" + (", which is untouched" if grows else "")
     else:
         kept = (f"the snapshot {resume_path} (stage kimg {snapshot_nimg / 1000:.3f}) is kept, but it resumes only "
                 f"with batch {sched.batch}: with a lower batch the stage restarts from {start}")
