@@ -69,8 +69,9 @@ def run(params, res: int, lease: gpus.Lease | None = None) -> dict:
     return training_loop(params, res, use_cuda=n_gpus == 1 and torch.cuda.is_available())
 
 
-def training_loop(params, res: int, use_cuda: bool) -> dict:
-    """Train stage `res` to its end (or resume it from its snapshot); returns train.json's dict."""
+def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
+    """Train stage `res` to its end (or resume it from its snapshot); returns train.json's dict. `on_tick(cur_nimg,
+    nets, alpha)`, when given, is called on rank 0 at the end of every tick (its time is left out of the stage's)."""
     # Settings, read once: params.yaml values in the units the loop counts in (images, seconds).
     tp = params.train
     seed = int(params.seed)
@@ -225,6 +226,12 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                         resume_path, key, nets, opt_G, opt_D, cur_nimg, sampler, rows, now - stage_start_time,
                         params, env):
                     snapshot_nimg_done = cur_nimg
+                if on_tick is not None and env.is_main:       # e.g. bench/bench_quality.py's SWD at fixed points
+                    hook_start = time.time()
+                    on_tick(cur_nimg, nets, alpha)
+                    hook_seconds = time.time() - hook_start       # not training's: out of img/s and seconds
+                    tick_start_time += hook_seconds
+                    stage_start_time += hook_seconds
             if bar is not None:
                 bar.close()
 
