@@ -94,6 +94,16 @@ def params_for(variant: str, args, n_images: int = 100_000) -> dict:
     if p["train"]["start_px"] == SIZE:                              # -nogrowing: lod_training = lod_transition = 0
         p["train"]["stages"] = {str(SIZE): {"batch": 16, "lr": 0.001, "transition_kimg": 0,
                                             "stabilize_kimg": args.nogrowing_kimg or growing_kimg(args.kimg)}}
+    for item in args.set or []:                                     # --set KEY=VALUE, train.stages.*.KEY for all
+        dotted, _, text = item.partition("=")
+        *path, key = dotted.split(".")
+        nodes = [p]
+        for part in path:
+            nodes = [n[k] for n in nodes for k in (n if part == "*" else [part]) if k in n]
+        if not nodes or not dotted or not _:
+            raise SystemExit(f"--set {item}: not KEY=VALUE with a dotted params.yaml key")
+        for n in nodes:
+            n[key] = yaml.safe_load(text)
     p["evaluate"].update(num_images=n_images, msssim_pairs=1000, metrics=["swd", "msssim"])   # every real face
     p["evaluate"]["fid"].update(num_images=n_images)
     p["report"]["grid_images"] = GRID
@@ -129,11 +139,12 @@ def _cpu_seconds() -> float:
 class Points:
     """The hook training_loop calls once per tick: it evaluates at the fixed points and keeps the clocks."""
 
-    def __init__(self, params, every_kimg: float):
+    def __init__(self, params, every_kimg: float, final_only: bool = False):
         from progan import evaluate, paths
         from progan.train import schedule
 
         self.params, self.every_nimg, self.rows = params, int(round(every_kimg * 1000)), []
+        self.final_only = final_only
         self.reals = evaluate._open_reals(SIZE)
         self.schedule, self.paths, self.evaluate = schedule, paths, evaluate
         self.cpu0, self.wall0 = _cpu_seconds(), time.time()
@@ -153,8 +164,9 @@ class Points:
         bounds = {s.transition_nimg, s.total_nimg} - {0}
         crossed_bound = any(prev < b <= cur_nimg for b in bounds)
         crossed_every = self.res == SIZE and cur_nimg // self.every_nimg > prev // self.every_nimg
-        if crossed_bound or crossed_every:
-            self.point(cur_nimg, nets, alpha, final=cur_nimg >= s.total_nimg and self.res == SIZE)
+        final = cur_nimg >= s.total_nimg and self.res == SIZE
+        if final or (not self.final_only and (crossed_bound or crossed_every)):
+            self.point(cur_nimg, nets, alpha, final=final)
 
     def point(self, cur_nimg: int, nets, alpha: float, final: bool) -> None:
         train_cpu, train_wall = _cpu_seconds() - self.cpu0 - self.eval_cpu, time.time() - self.wall0 - self.eval_wall
@@ -226,7 +238,7 @@ def run_variant(variant: str, args) -> dict:
     root = OUT / variant
     params = params_mod.load(root / "params.yaml")
     os.chdir(root)
-    points = Points(params, args.eval_every_kimg)
+    points = Points(params, args.eval_every_kimg, args.final_only)
     infos = []
     for res in params.resolutions:
         points.start_stage(res)
@@ -264,7 +276,8 @@ def run_child(variant: str, args, data_dir: Path, env: dict) -> dict:
 
 def _child_args(args) -> list[str]:
     out = ["--kimg", str(args.kimg), "--nets", args.nets, "--seed", str(args.seed), "--threads", str(args.threads),
-           "--eval-every-kimg", str(args.eval_every_kimg), "--images", str(args.images)]
+           "--eval-every-kimg", str(args.eval_every_kimg), "--images", str(args.images), "--out", str(OUT)]
+    out += [f"--set={item}" for item in args.set or []] + (["--final-only"] if args.final_only else [])
     return out + (["--nogrowing-kimg", str(args.nogrowing_kimg)] if args.nogrowing_kimg else [])
 
 
@@ -344,6 +357,7 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compare", default="growing",
                     help="comma-separated variants (" + ", ".join(VARIANTS) + ") or a set: switches, all")
@@ -357,8 +371,13 @@ def main() -> None:
     ap.add_argument("--images", default=str(CELEBA), help="folder of face images (default ../shared/data/celeba-aligned-2k)")
     ap.add_argument("--fid", action="store_true", help="FID/KID at the final point when the Inception weights are present")
     ap.add_argument("--publish", action="store_true", help="copy swd.png, table.md and the grids to docs/quality/")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a params.yaml value for every variant, e.g. train.stages.*.lr=0.002 (repeatable)")
+    ap.add_argument("--final-only", action="store_true", help="evaluate at the end of the run only")
+    ap.add_argument("--out", default=str(OUT), help="output folder (default bench/out/quality)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    OUT = Path(args.out).resolve()
     if args.child:
         result = run_variant(args.child, args)
         (OUT / args.child / "result.json").write_text(json.dumps(result, indent=1))
