@@ -3,11 +3,12 @@
 Writes `<workdir>/params.yaml` (workflow/params.demo.yaml with `data.folder` set to DIR) and runs
 `snakemake --cores all` there against the checkout's Snakefile. Re-running continues where it stopped.
 
-The demo's schedule is sized for about two minutes on a 2-core CPU (the settings bench/bench_quality.py found to
-learn fastest there: see the comments in params.demo.yaml). `--minutes N` stretches it: the kimg of every phase grow
-by the time left after the fixed costs (start-up, crop, evaluations, report: DEMO_FIXED_S), so 20 minutes give
-recognisable 32 px faces; from DEMO_ALL_IMAGES_MIN minutes on it also uses every image of the folder (more faces,
-less memorising, at ~15 s of cropping per 1,000 images). Its default workdir is `demo-<N>min`.
+The demo's schedule is sized for about two minutes on a 2-core CPU, with the lr that bench/bench_quality.py found
+to learn fastest there over its 14 kimg (see params.demo.yaml's header). `--minutes N` stretches it: the kimg of
+every phase grow by the time left after the fixed costs (start-up, crop, evaluations, report: DEMO_FIXED_S), so 20
+minutes give recognisable 32 px faces; from LONG_MIN minutes on it also uses every image of the folder (more faces,
+less memorising, at ~15 s of cropping per 1,000 images) and the official lr (measured over such lengths; the
+demo's was not). Its default workdir is `demo-<N>min`.
 Jobs run with one intra-op thread each (OMP_NUM_THREADS=1 unless set): the demo's small convolutions gain nothing
 from a second thread, and two jobs side by side (train next to an evaluate) would fight over two cores.
 """
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -30,25 +32,36 @@ from progan.pipeline import repo_root
 
 DEMO_MINUTES = 2.0          # what params.demo.yaml is sized for
 DEMO_FIXED_S = 50.0         # the demo's time outside training: snakemake start-up, crop, pyramid, evaluations, report
-DEMO_ALL_IMAGES_MIN = 10.0  # from this many minutes on, every image of the folder (data.max_images: null)
+LONG_MIN = 10.0             # from this many minutes on: every image of the folder, and the official lr
+OFFICIAL_LR = 0.001         # official config.py G_lrate / D_lrate (the demo's 0.003 was measured over 14 kimg only)
 
 
 def stretch(template: str, minutes: float) -> str:
     """params.demo.yaml's text for a run of about `minutes`: every phase's kimg times the ratio of training time
-    (minutes minus DEMO_FIXED_S) to the demo's own, rounded to 0.1 kimg; the comments are kept."""
+    (minutes minus DEMO_FIXED_S) to the demo's own, rounded to 0.1 kimg; from LONG_MIN on also every image of the
+    folder (more faces, less memorising) and the official lr. The comments are kept, a first line says what was
+    stretched, and the header's numbers (images, kimg, lr) are the new ones."""
     if minutes < DEMO_MINUTES:
         raise ProganError(f"--minutes {minutes:g}: the demo takes about {DEMO_MINUTES:g} minutes at the least")
     factor = (minutes * 60 - DEMO_FIXED_S) / (DEMO_MINUTES * 60 - DEMO_FIXED_S)
 
     def scale(m: re.Match) -> str:
-        value = round(float(m.group(2)) * factor, 1)
-        return f"{m.group(1)}{value:g}"
+        return f"{m.group(1)}{round(float(m.group(2)) * factor, 1):g}"
 
     text = re.sub(r"((?:transition|stabilize)_kimg: )([0-9.]+)", scale, template)
-    if minutes >= DEMO_ALL_IMAGES_MIN:
+    text = re.sub(r"(with )([0-9.]+)(?= kimg per fade-in and per stabilisation)", scale, text)
+    stages = yaml.safe_load(text)["train"]["stages"].values()
+    total_kimg = sum(s["transition_kimg"] + s["stabilize_kimg"] for s in stages)
+    text = re.sub(r"\([0-9.]+ kimg in all", f"({total_kimg:g} kimg in all", text, count=1)
+    what = f"every phase's kimg x{factor:.1f} ({total_kimg:g} kimg in all)"
+    if minutes >= LONG_MIN:
         text = re.sub(r"(?m)^(  max_images:) [^#\n]*?(\s+#)", r"\1 null\2", text)
-    return text.replace("# progan-pipeline DEMO params:", f"# progan-pipeline DEMO params (progan demo --minutes "
-                                                            f"{minutes:g}: every phase x{factor:.1f}):", 1)
+        text = re.sub(r"What it is: [0-9]+ images of a folder", "What it is: every image of a folder", text, count=1)
+        text = re.sub(r"\blr: [0-9.e-]+,", f"lr: {OFFICIAL_LR:g},", text)
+        text = re.sub(r"(minibatch [0-9]+, )lr [0-9.e-]+\)", rf"\g<1>lr {OFFICIAL_LR:g})", text, count=1)
+        what += f", every image of the folder, the official lr {OFFICIAL_LR:g} (not the demo's, tuned over 14 kimg)"
+    return textwrap.fill(f"STRETCHED by `progan demo --minutes {minutes:g}`: {what}.", 116, initial_indent="# ",
+                         subsequent_indent="# ") + "\n" + text
 
 
 def prepare(folder: str | Path, workdir: str | Path, minutes: float | None = None) -> Path:
