@@ -310,6 +310,27 @@ def growing_vs_not(runs: dict) -> dict | None:
     return out
 
 
+def caption(result: dict) -> str:
+    """What the table's numbers are (read from the runs' own params): the data, the nets, the budget, the load."""
+    runs = result["runs"]
+    phase_kimg = sorted({r["params"]["train"]["stages"][str(SIZE)]["stabilize_kimg"] for r in runs.values()
+                         if r["params"]["train"]["start_px"] < SIZE})
+    whole_kimg = sorted({r["params"]["train"]["stages"][str(SIZE)]["stabilize_kimg"] for r in runs.values()
+                         if r["params"]["train"]["start_px"] == SIZE})
+    model = next(iter(runs.values()))["params"]["model"]
+    n_images = sorted({r["params"]["evaluate"]["num_images"] for r in runs.values()})
+    loads = [p["loadavg_1min"] for r in runs.values() for p in r["points"]]
+    budget = ", ".join([f"{k:g} kimg per phase (7 phases: {growing_kimg(k):g} kimg)" for k in phase_kimg] +
+                       [f"the no-growing run one 32 px stage of {k:g} kimg" for k in whole_kimg])
+    extra = "".join(f", `--set {item}`" for item in result["args"].get("set") or [])
+    return (f"Final point of each variant: {budget}; nets latent {model['latent_dim']}, fmap "
+            f"{model['fmap_base']} / {model['fmap_max']}{extra}; {', '.join(map(str, n_images))} CelebA faces "
+            f"(celeba-box crops, 32 px), one intra-op thread. SWD x1e3 of G_ema against every face (levels 32 and "
+            f"16 px and their average; lower is better); MS-SSIM of 1,000 consecutive generated pairs (reals: the same "
+            f"number of real pairs). Training CPU and wall seconds exclude the evaluations; the 1-min load average "
+            f"of the shared 2-core machine was {min(loads):.1f}-{max(loads):.1f} during the runs.\n\n")
+
+
 def table(runs: dict) -> str:
     """Markdown: final SWD per level, average, MS-SSIM, kimg and seconds per variant, the real-vs-real floor."""
     levels = [SIZE, SIZE // 2]
@@ -375,6 +396,8 @@ def main() -> None:
                     help="a params.yaml value for every variant, e.g. train.stages.*.lr=0.002 (repeatable)")
     ap.add_argument("--final-only", action="store_true", help="evaluate at the end of the run only")
     ap.add_argument("--out", default=str(OUT), help="output folder (default bench/out/quality)")
+    ap.add_argument("--collect", nargs="+", metavar="DIR", help="no training: the table, plot and grids of the "
+                    "--compare variants from DIR/<variant>/result.json (runs made earlier, e.g. side by side)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     OUT = Path(args.out).resolve()
@@ -392,18 +415,31 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(args, env)
-    runs = {name: run_child(name, args, data_dir, env) for name in names}    # back to back
+    if args.collect:                                                 # variants trained by earlier runs: no training
+        dirs = {}
+        for folder in args.collect:
+            for name in names:
+                if (Path(folder) / name / "result.json").is_file():
+                    dirs[name] = Path(folder) / name
+        missing = [n for n in names if n not in dirs]
+        if missing:
+            raise SystemExit(f"--collect: no {missing[0]}/result.json under {', '.join(args.collect)}")
+        runs = {name: json.loads((dirs[name] / "result.json").read_text()) for name in names}
+    else:
+        data_dir = prepare_data(args, env)
+        runs = {name: run_child(name, args, data_dir, env) for name in names}    # back to back
+        dirs = {name: OUT / name for name in names}
     result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "size_px": SIZE, "images": str(args.images),
               "runs": runs, "growing_vs_not": growing_vs_not(runs), "seconds": round(time.time() - t0, 1),
               "git": subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True,
                                     text=True).stdout.strip()}
     (OUT / "results.json").write_text(json.dumps(result, indent=1))
-    (OUT / "table.md").write_text(table(runs))
+    (OUT / "table.md").write_text(caption(result) + table(runs))
     plot(runs, OUT / "swd.png")
     for name in runs:
-        shutil.copy2(OUT / name / "samples.png", OUT / f"samples_{name}.png")
-    print("\n" + table(runs))
+        if dirs[name] / "samples.png" != OUT / f"samples_{name}.png":
+            shutil.copy2(dirs[name] / "samples.png", OUT / f"samples_{name}.png")
+    print("\n" + caption(result) + table(runs))
     if result["growing_vs_not"]:
         g = result["growing_vs_not"]
         cpu = g["train_cpu_s"]
