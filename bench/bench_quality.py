@@ -29,8 +29,10 @@ only its seconds depend on the machine.
 
 Writes bench/out/quality/results.json (every point of every variant), table.md, swd.png (SWD vs CPU seconds and vs
 kimg, one line per variant, the floor dashed) and samples_<variant>.png (the final 32 px grid of 64 faces);
-`--publish` also copies the figures and the table into docs/quality/ for the README. `--fid` adds FID/KID at the final
-point when the Inception weights are present (progan.metrics.inception; a note says so when they are not).
+`--publish` also copies the plot, the table and the growing / nogrowing grids into docs/quality/ (`--docs`) for the
+README. `--fid` adds FID/KID at the final point when the Inception weights are present (progan.metrics.inception; a
+note says so when they are not). `--collect DIR...` trains nothing: it rebuilds the table, plot and grids from
+variants run earlier (DIR/<variant>/result.json), e.g. two runs started side by side with their own `--out`.
 Run it by hand: ~10 min of CPU per growing run at --kimg 20, the no-growing one about 1.7x that.
 """
 from __future__ import annotations
@@ -391,7 +393,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
     ap.add_argument("--images", default=str(CELEBA), help="folder of face images (default ../shared/data/celeba-aligned-2k)")
     ap.add_argument("--fid", action="store_true", help="FID/KID at the final point when the Inception weights are present")
-    ap.add_argument("--publish", action="store_true", help="copy swd.png, table.md and the grids to docs/quality/")
+    ap.add_argument("--publish", action="store_true", help="copy swd.png, table.md, results.json and the grids of "
+                    "growing and nogrowing (the README's; the others stay in --out) to --docs")
+    ap.add_argument("--docs", default=str(DOCS), help="where --publish copies to (default docs/quality)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a params.yaml value for every variant, e.g. train.stages.*.lr=0.002 (repeatable)")
     ap.add_argument("--final-only", action="store_true", help="evaluate at the end of the run only")
@@ -447,10 +451,11 @@ def main() -> None:
               + (f"reaches it after {cpu['growing']:.0f} CPU s: {cpu['ratio']}x sooner" if g["reached"]
                  else "never reaches it within its budget"))
     if args.publish:
-        DOCS.mkdir(parents=True, exist_ok=True)
-        for f in ["swd.png", "table.md", *(f"samples_{n}.png" for n in runs)]:
-            shutil.copy2(OUT / f, DOCS / f)
-        (DOCS / "results.json").write_text(json.dumps(result, indent=1))
+        docs = Path(args.docs).resolve()
+        docs.mkdir(parents=True, exist_ok=True)
+        for f in ["swd.png", "table.md", *(f"samples_{n}.png" for n in runs if n in ("growing", "nogrowing"))]:
+            shutil.copy2(OUT / f, docs / f)
+        (docs / "results.json").write_text(json.dumps(result, indent=1))
     print(f"({time.time() - t0:.0f} s) -> {OUT / 'results.json'}")
 
 
