@@ -340,9 +340,10 @@ def caption(result: dict) -> str:
     loads = [p["loadavg_1min"] for r in runs.values() for p in r["points"]]
     budget = ", ".join([f"{k:g} kimg per phase (7 phases: {growing_kimg(k):g} kimg)" for k in phase_kimg] +
                        [f"the no-growing run one 32 px stage of {k:g} kimg" for k in whole_kimg])
-    extra = "".join(f", `--set {item}`" for item in result["args"].get("set") or [])
+    lrs = sorted({st["lr"] for r in runs.values() for st in r["params"]["train"]["stages"].values()})
+    extra = f", lr {' / '.join(f'{lr:g}' for lr in lrs)}" + ("" if lrs == [0.001] else " (official: 0.001)")
     return (f"Final point of each variant: {budget}; nets latent {model['latent_dim']}, fmap "
-            f"{model['fmap_base']} / {model['fmap_max']}{extra}; {', '.join(map(str, n_images))} CelebA faces "
+            f"{model['fmap_base']} / {model['fmap_max']}, minibatch 16{extra}; {', '.join(map(str, n_images))} CelebA faces "
             f"(celeba-box crops, 32 px), one intra-op thread. SWD x1e3 of G_ema against every face (levels 32 and "
             f"16 px and their average; lower is better); MS-SSIM of 1,000 consecutive generated pairs (reals: the same "
             f"number of real pairs). The floor is SWD between two disjoint halves of the faces: half as many images per "
