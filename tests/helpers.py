@@ -56,6 +56,7 @@ def tiny_params(folder: Path, size_px: int = 16, images: Path | None = None, **o
         for r in [2**k for k in range(2, size_px.bit_length())]
     }
     data["evaluate"].update(num_images=64, msssim_pairs=16, batch=32)
+    data["evaluate"]["metrics"] = ["swd", "msssim", "fid", "kid"]    # the demo leaves fid/kid out; the tests keep them
     data["report"].update(grid_images=16, interpolation_steps=4)
     return write_params(folder, data, **overrides)
 

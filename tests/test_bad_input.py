@@ -616,9 +616,21 @@ def _build_cases() -> list[Case]:
         _case("checkpoint-of-another-stage", Error(f"{CKPT4}: holds the 8 px stage, expected 4 px"),
               checkpoint(CKPT4, _edited(res_px=8)), argv=("train", "--res", "8")),
         _case("checkpoint-other-model-params",
-              Error(f"{CKPT4}: trained with other model params (fmap_max); re-run every stage from "
-                    f"`progan train --res 4`"),
-              edit(lambda p: set_key(p, "model.fmap_max", 8)), argv=("train", "--res", "8")),
+              Error(f"{CKPT4}: made with model.fmap_max 16, params.yaml has 8; a stage grows only from one trained "
+                    f"with the same settings: re-run every stage from `progan train --res 4`, or restore "
+                    f"model.fmap_max"),
+              edit(lambda p: set_key(p, "model.fmap_max", 8)), argv=("train", "--res", "8"), check=_no_stage_8_output),
+        # the official feature switches (config.py "Disable individual features"): never grown across
+        _case("checkpoint-other-switch-pixel-norm",
+              Error(f"{CKPT4}: made with model.pixel_norm true, params.yaml has false; a stage grows only from one",
+                    "or restore model.pixel_norm"),
+              edit(lambda p: set_key(p, "model.pixel_norm", False)), argv=("train", "--res", "8"),
+              check=_no_stage_8_output),
+        _case("checkpoint-other-switch-ema-decay",
+              Error(f"{CKPT4}: made with train.ema_decay ", ", params.yaml has 0; a stage grows only from one",
+                    "or restore train.ema_decay"),
+              edit(lambda p: set_key(p, "train.ema_decay", 0)), argv=("train", "--res", "8"),
+              check=_no_stage_8_output),
         _case("checkpoint-pickle-runs-code", REFUSED, checkpoint(CKPT4, _evil_torch),
               argv=("train", "--res", "8"), check=_code_did_not_run(CKPT4), note="marker file not created"),
         _case("checkpoint-plain-pickle-runs-code", REFUSED, checkpoint(CKPT4, _evil_pickle),

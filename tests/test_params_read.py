@@ -42,10 +42,12 @@ NOT_OUTPUTS = {
     },
     "evaluate": {
         "crop.size": "only to check that --res is a training resolution",
+        "train.start_px": "only to check that --res is a training resolution",
         **_WEIGHTS_PATH,
     },
     "fid-stats": {
         "crop.size": "only to check that --res is a training resolution",
+        "train.start_px": "only to check that --res is a training resolution",
         "evaluate.fid.min_res_px": "only to check that --res is one it runs at (it decides which fid-stats jobs "
                                    "there are: pipeline.DAG_SHAPE_KEYS)",
         "evaluate.fid.batch": "images per Inception forward: the same statistics whatever the batch "
@@ -118,3 +120,25 @@ def test_every_stage_reads_exactly_the_params_it_declares(tmp_path, monkeypatch)
     before = set(pipeline.job(params, "train", 8).params) - {"report.grid_images"}
     with pytest.raises(AssertionError, match=r"train: reads \['report.grid_images'\] but does not declare them"):
         _check("train", before, seen["train@8"])
+
+
+@pytest.mark.timeout(600)
+def test_the_nogrowing_dag_runs_stage_by_stage_and_reads_what_it_declares(tmp_path, monkeypatch):
+    """train.start_px = crop.size (official -nogrowing): download, crop, pyramid, train@8 from scratch, evaluate@8
+    and a report of one stage, each reading exactly its declared keys (train.start_px among train's)."""
+    stages = {"4": {"batch": 8, "lr": 0.001, "transition_kimg": 0, "stabilize_kimg": 0.016},     # left in, unused
+              "8": {"batch": 8, "lr": 0.001, "transition_kimg": 0, "stabilize_kimg": 0.032}}
+    path = tiny_params(tmp_path / "ws", size_px=8, data__max_images=NUM_IMAGES, mlflow__tracking_uri=NO_MLFLOW,
+                       train__stages=stages, train__start_px=8, train__tick_kimg=0.016, evaluate__num_images=16,
+                       evaluate__msssim_pairs=4, evaluate__batch=8, report__grid_images=4,
+                       report__interpolation_steps=3)
+    params = params_mod.load(path)
+    assert [j.id for j in pipeline.jobs(params)] == ["download", "crop", "pyramid", "train@8", "evaluate@8", "report"]
+    monkeypatch.chdir(tmp_path / "ws")
+    with one_thread():
+        for job in pipeline.jobs(params):
+            reads = _run(path, job.stage.name, job.res)
+            if job.stage.name != "download":                 # its url branch: the test above
+                _check(job.stage.name, set(job.params), reads)
+    assert (tmp_path / "ws" / paths.REPORT_HTML).is_file() and not (tmp_path / "ws" / paths.checkpoint(4)).exists()
+    assert (tmp_path / "ws" / paths.pyramid_level(4)).is_file()                  # the data keeps every level

@@ -3,6 +3,7 @@ both tools see the same graph, and a stale generated dvc.yaml is rewritten where
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,22 +80,61 @@ def test_cli_gpus_and_tracking_come_from_the_table():
         assert any(a.dest == "res" for a in p._actions) == stage.per_res, name
 
 
-def _dvc_workspace(tmp_path, size_px):
+def _start_px_params(ws, size_px, start_px):
+    """Tiny params training from start_px (the stages below it left in, as `dvc exp run -S` leaves them)."""
+    stages = {str(r): {"batch": 8, "lr": 0.001, "transition_kimg": 0 if r <= start_px else 0.1, "stabilize_kimg": 0.1}
+              for r in [2**k for k in range(2, size_px.bit_length())]}
+    return tiny_params(ws, size_px=size_px, train__start_px=start_px, train__stages=stages)
+
+
+def _dvc_workspace(tmp_path, size_px, start_px=4):
     ws = make_workspace(tmp_path / "ws")
-    if size_px != 128:
-        tiny_params(ws, size_px=size_px)
+    if (size_px, start_px) != (128, 4):
+        _start_px_params(ws, size_px, start_px)
         (ws / "dvc.yaml").write_text(pipeline.dvc_yaml(params_mod.load(ws / "params.yaml")))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=ws, env=tool_env(), check=True)
     return ws, params_mod.load(ws / "params.yaml")
 
 
-@pytest.mark.parametrize("size_px", [16, 128])
-def test_dvc_reads_back_exactly_the_jobs_of_the_table(tmp_path, monkeypatch, size_px):
+def test_start_px_placeholders():
+    """train.start_px (official lod_initial_resolution): no train or evaluate job below it, and the first train job
+    reads the pyramid level alone ({prev} dropped); the pyramid still writes every level (data does not depend on
+    where training starts), the report reads the stages that exist."""
+    from helpers import default_params
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        nogrowing = params_mod.load(_start_px_params(Path(d), 32, 32))
+        from8 = params_mod.load(_start_px_params(Path(d) / "8", 32, 8))
+    ids = [j.id for j in pipeline.jobs(nogrowing)]
+    assert ids == ["download", "crop", "pyramid", "fid-stats@32", "train@32", "evaluate@32", "report"]
+    assert pipeline.job(nogrowing, "train", 32).deps == ["data/pyramid/32.npy"]
+    assert pipeline.job(nogrowing, "pyramid").out_paths[:4] == [f"data/pyramid/{r}.npy" for r in (4, 8, 16, 32)]
+    assert pipeline.job(nogrowing, "report").deps[:4] == ["results/32/eval.json", "results/32/train.json",
+                                                          "results/32/losses.tsv", "results/32/samples.png"]
+    assert pipeline.edges(nogrowing) == {("download", "crop"), ("crop", "pyramid"), ("pyramid", "train@32"),
+                                         ("pyramid", "evaluate@32"), ("train@32", "evaluate@32"),
+                                         ("pyramid", "fid-stats@32"), ("fid-stats@32", "evaluate@32"),
+                                         ("train@32", "report"), ("evaluate@32", "report"), ("pyramid", "report")}
+    assert "train.start_px" in pipeline.job(nogrowing, "train", 32).params
+    assert "train.stages.16" not in pipeline.job(nogrowing, "train", 32).params
+    assert [j.id for j in pipeline.jobs(from8) if j.stage.name == "train"] == ["train@8", "train@16", "train@32"]
+    assert pipeline.job(from8, "train", 8).deps == ["data/pyramid/8.npy"]
+    assert pipeline.job(from8, "train", 16).deps == ["results/8/checkpoint.pt", "data/pyramid/16.npy"]
+    doc = yaml.safe_load(pipeline.dvc_yaml(nogrowing))["stages"]
+    assert doc["train"]["foreach"] == {"32": {"prev": "data/pyramid/32.npy"}}
+    assert list(doc["evaluate"]["foreach"]) == list(doc["fid-stats"]["foreach"]) == ["32"]
+    assert len(doc["pyramid"]["outs"]) == 5                            # 4 .. 32 and info.json
+    assert default_params()["train"]["start_px"] == 4
+
+
+@pytest.mark.parametrize("size_px,start_px", [(16, 4), (128, 4), (16, 16), (16, 8)])
+def test_dvc_reads_back_exactly_the_jobs_of_the_table(tmp_path, monkeypatch, size_px, start_px):
     """DVC's own parser (foreach, ${key}, ${item.prev}) resolves dvc.yaml to each job's command, deps, params and
     outputs with their kinds: the template can not drift from the table."""
     from dvc.repo import Repo
 
-    ws, params = _dvc_workspace(tmp_path, size_px)
+    ws, params = _dvc_workspace(tmp_path, size_px, start_px)
     monkeypatch.chdir(ws)
     with Repo(str(ws)) as repo:
         read = {s.addressing: s for s in repo.index.stages}
@@ -140,14 +180,24 @@ def _dvc_graph(ws):
     return nodes, edges
 
 
-@pytest.mark.parametrize("size_px", [16, 128])
-def test_snakemake_and_dvc_report_the_same_graph(tmp_path, size_px):
-    ws, params = _dvc_workspace(tmp_path, size_px)
+@pytest.mark.parametrize("size_px,start_px", [(16, 4), (128, 4), (16, 16), (16, 8)])
+def test_snakemake_and_dvc_report_the_same_graph(tmp_path, size_px, start_px):
+    ws, params = _dvc_workspace(tmp_path, size_px, start_px)
     smk_nodes, smk_edges = _snakemake_graph(ws)
     dvc_nodes, dvc_edges = _dvc_graph(ws)
     expected_nodes = {j.id for j in pipeline.jobs(params)}
     assert smk_nodes == dvc_nodes == expected_nodes
     assert smk_edges == dvc_edges == pipeline.edges(params)
+    trains = {n for n in expected_nodes if n.startswith("train@")}
+    assert trains == {f"train@{r}" for r in params.resolutions} and min(params.resolutions) == start_px
+    if start_px > 4:                                    # what each front end plans to run: nothing below start_px
+        plan = subprocess.run(["snakemake", "-n", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")],
+                              cwd=ws, env=tool_env(), capture_output=True, text=True, check=True).stdout
+        counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan, re.M))
+        assert counts["train"] == counts["evaluate"] == str(len(params.resolutions)), plan
+        listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=ws, env=tool_env(), capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert set(listed) == expected_nodes and f"train@{start_px // 2}" not in listed
 
 
 # ---- a stale generated dvc.yaml ---------------------------------------------------------------------------------
@@ -166,7 +216,7 @@ def test_snakemake_rewrites_a_stale_dvc_yaml(tmp_path):
     out = subprocess.run(["snakemake", "-n", "--cores", "1", "-d", str(ws), "-s", str(ws / "Snakefile")], cwd=ws,
                          env=tool_env(), capture_output=True, text=True, check=True)
     assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
-    assert "dvc.yaml did not match params.yaml (crop.size 16: stages 4, 8, 16): rewrote it" in out.stderr
+    assert "dvc.yaml did not match params.yaml (crop.size 16, train.start_px 4: stages 4, 8, 16): rewrote it" in out.stderr
 
 
 def test_stage_commands_rewrite_a_stale_dvc_yaml_and_stop_under_dvc(tmp_path, monkeypatch, capsys):
@@ -179,7 +229,8 @@ def test_stage_commands_rewrite_a_stale_dvc_yaml_and_stop_under_dvc(tmp_path, mo
     assert cli.main(["download", "--params", str(ws / "params.yaml")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("progan download: error: dvc.yaml did not match params.yaml (its stages follow crop.size, "
-                       "evaluate.metrics, evaluate.fid.min_res_px) and DVC had planned this run from the old one; it is rewritten now: run the same dvc command again")
+                       "train.start_px, evaluate.metrics, evaluate.fid.min_res_px) and DVC had planned this run from "
+                       "the old one; it is rewritten now: run the same dvc command again")
     assert (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params) and not (ws / "data").exists()
     (ws / "dvc.yaml").write_text(stale)
     monkeypatch.delenv("DVC_STAGE")
@@ -257,7 +308,8 @@ def test_a_dag_shape_key_rewrites_dvc_yaml(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="progan"):
         assert pipeline.sync_dvc_yaml(params)
     assert (tmp_path / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
-    assert "dvc.yaml did not match params.yaml (crop.size 32: stages 4, 8, 16, 32; fid-stats at 16, 32): rewrote it" \
+    assert ("dvc.yaml did not match params.yaml (crop.size 32, train.start_px 4: stages 4, 8, 16, 32; fid-stats at 16, "
+            "32): rewrote it") \
         in caplog.text
 
 

@@ -61,7 +61,7 @@ def write_params(root: Path) -> Path:
     data["train"]["stages"] = {str(r): {"batch": 4, "lr": 0.001, "transition_kimg": 0 if r == 4 else 0.2,
                                         "stabilize_kimg": 0.2} for r in RES}
     data["report"] = {"grid_images": GRID, "interpolation_steps": STEPS}
-    data["model"] = {"latent_dim": 16, "fmap_base": 64, "fmap_max": 16, "mbstd_group_size": 4}
+    data["model"].update(latent_dim=16, fmap_base=64, fmap_max=16, mbstd_group_size=4)
     data["mlflow"] = {"tracking_uri": "sqlite:///mlflow.db", "experiment": "progan-report-test"}
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

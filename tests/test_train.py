@@ -198,9 +198,58 @@ def test_rng_state_round_trip_survives_weights_only(tmp_path):
 def test_remap_optimizer_state_by_name():
     prev = {"state": {0: {"step": torch.tensor(3.0)}, 1: {"step": torch.tensor(4.0)}},
             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
-    out = state.remap_optimizer_state(prev, ["a", "b"], ["a", "new", "b"])
-    assert out["state"][0]["step"] == 3.0 and out["state"][2]["step"] == 4.0 and 1 not in out["state"]
+    new = [("a", torch.ones(2)), ("new", torch.ones(2, 3)), ("b", torch.ones(1))]
+    out = state.remap_optimizer_state(prev, ["a", "b"], new)
+    assert out["state"][0]["step"] == 3.0 and out["state"][2]["step"] == 4.0
+    # the new parameter: zero moments at the step count reached (one Adam for every layer, as official)
+    assert out["state"][1]["step"] == 4.0 and out["state"][1]["exp_avg"].shape == (2, 3)
+    assert not out["state"][1]["exp_avg"].any() and not out["state"][1]["exp_avg_sq"].any()
     assert out["param_groups"][0]["params"] == [0, 1, 2] and out["param_groups"][0]["lr"] == 0.1
+    fresh = state.remap_optimizer_state({"state": {}, "param_groups": prev["param_groups"]}, ["a", "b"], new)
+    assert fresh["state"] == {}                                       # nothing carried, nothing made up
+
+
+def _tf_adam(var, g, m, v, t, lr, beta1, beta2, eps):
+    """tf.train.AdamOptimizer's dense update (training_ops ApplyAdam), what the official tfutil.Optimizer runs:
+    one t for all variables (beta1_power / beta2_power), eps added to sqrt(v) before nothing else (eps-hat)."""
+    lr_t = lr * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    return var - lr_t * m / (np.sqrt(v) + eps), m, v
+
+
+def test_noreset_a_new_layer_steps_as_in_the_official_never_reset_adam():
+    """-noreset (reset_opt_for_new_lod = False): every layer exists from the start under one TF Adam, so a layer that
+    first gets gradients after t steps takes its first step with the bias correction of step t + 1 and zero moments:
+    about 10 lr (beta2 0.99), not the lr of a fresh Adam. Rebuilt with TF's ApplyAdam and compared."""
+    torch.manual_seed(0)
+    lr, betas, eps, t = 1e-3, (0.0, 0.99), 1e-8, 400
+    old = torch.nn.Parameter(torch.randn(5))
+    opt = nets_mod.Adam(lr, betas, eps).make(torch.nn.ParameterList([old]))
+    grads = [torch.randn(5) for _ in range(t)]
+    for g in grads:                                                    # t steps of the old layer alone
+        old.grad = g.clone()
+        opt.step()
+    new = torch.nn.Parameter(torch.randn(3))
+    grown = torch.nn.ParameterList([old, new])
+    opt2 = nets_mod.Adam(lr, betas, eps).make(grown)
+    opt2.load_state_dict(state.remap_optimizer_state(opt.state_dict(), ["0"], list(grown.named_parameters())))
+    start, g_new, g_old = new.detach().clone(), torch.randn(3), torch.randn(5)
+    old_before = old.detach().clone()
+    new.grad, old.grad = g_new.clone(), g_old.clone()
+    opt2.step()
+    # the official run: the new variable had zero gradients (zero moments) for t steps
+    want_new, _, _ = _tf_adam(start.double().numpy(), g_new.double().numpy(), 0.0, 0.0, t + 1, lr, *betas, eps)
+    np.testing.assert_allclose(new.detach().double().numpy(), want_new, rtol=0, atol=1e-7)
+    step_new = (new.detach() - start).abs()
+    assert torch.all(step_new > 9.5 * lr) and torch.all(step_new < 10.01 * lr)       # ~10 lr, not lr
+    # the old layer continues its own moments (replayed with TF's update from the same init)
+    torch.manual_seed(0)
+    x, m, v = torch.randn(5).double().numpy(), 0.0, 0.0
+    for i, g in enumerate(grads + [g_old], 1):
+        x, m, v = _tf_adam(x, g.double().numpy(), m, v, i, lr, *betas, eps)
+    np.testing.assert_allclose(old.detach().double().numpy(), x, rtol=0, atol=1e-5)    # 401 float32 steps
+    assert not torch.equal(old.detach(), old_before)
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -304,7 +353,8 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_optimizer_state_carried_across_stages_by_name(tmp_path, monkeypatch):
-    """reset_opt_each_phase false: Adam moments of the 4x4 layers continue in stage 8; new layers start fresh."""
+    """reset_opt_each_phase false: Adam moments of the 4x4 layers continue in stage 8; new layers start with zero
+    moments at the step count reached."""
     path = make_project(tmp_path, stages={"4": _stage(8, 0, 0.016), "8": _stage(8, 0.008, 0.016)},
                         mlflow__tracking_uri=NO_MLFLOW, train__reset_opt_each_phase=False)
     monkeypatch.chdir(tmp_path)
@@ -315,5 +365,6 @@ def test_optimizer_state_carried_across_stages_by_name(tmp_path, monkeypatch):
     ck8 = torch.load(paths.checkpoint(8), weights_only=True)
     names = [n for n, _ in nets_mod.build_networks(p, 8).G.named_parameters()]
     steps = {names[i]: float(st["step"]) for i, st in ck8["opt_G"]["state"].items()}
-    assert steps["blocks.4.conv.weight"] == 5.0 and steps["blocks.8.conv1.weight"] == 3.0
+    # one step count for every layer, as the official run's one Adam (a new layer starts at the count reached)
+    assert steps["blocks.4.conv.weight"] == 5.0 and steps["blocks.8.conv1.weight"] == 5.0
     assert "to_rgb.4.weight" in steps and steps["to_rgb.4.weight"] == 3.0   # 2 at 4 px + 1 in the fade (unused at alpha 1)

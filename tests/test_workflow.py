@@ -331,7 +331,7 @@ def _check_ran_at_16(ws: Path, params) -> None:
 def test_crop_size_edit_then_snakemake(tmp_path):
     ws, params = _crop_size_workspace(tmp_path)
     out = _check(_snakemake(ws))
-    assert "dvc.yaml did not match params.yaml (crop.size 16: stages 4, 8, 16): rewrote it" in out
+    assert "dvc.yaml did not match params.yaml (crop.size 16, train.start_px 4: stages 4, 8, 16): rewrote it" in out
     _check_ran_at_16(ws, params)
 
 
@@ -344,8 +344,8 @@ def test_crop_size_edit_then_dvc_repro(tmp_path):
     _check(_dvc(ws, "init", "--no-scm", "-q"))
     first = _dvc(ws, "repro")
     assert first.returncode != 0
-    assert ("error: dvc.yaml did not match params.yaml (its stages follow crop.size, evaluate.metrics, "
-            "evaluate.fid.min_res_px) and DVC had planned this run "
+    assert ("error: dvc.yaml did not match params.yaml (its stages follow crop.size, train.start_px, "
+            "evaluate.metrics, evaluate.fid.min_res_px) and DVC had planned this run "
             "from the old one; it is rewritten now: run the same dvc command again") in first.stderr
     assert not (ws / "data").exists() and (ws / "dvc.yaml").read_text() == pipeline.dvc_yaml(params)
     _check(_dvc(ws, "repro"))

@@ -15,6 +15,9 @@ Writing: `save` (atomic, and byte-stable: the same dict gives the same bytes). R
 every file loads with torch.load(weights_only=True), and every problem is one ProganError line naming the file and
 what to do (missing, truncated, foreign, a pickle that runs code, another version, another stage, missing keys).
 `load_stage` / `load_snapshot` are the training side, `load_generator` the G_ema side (a checkpoint or an export).
+A stage grows only from a checkpoint made with the same model.* and the same official feature switches
+(`check_grows_from`: one line naming the first key that differs); a file made before a model field existed holds
+its default, the official value.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ SNAPSHOT = "progan-snapshot"
 GENERATOR = "progan-generator"
 VERSION = 1
 SNAPSHOT_NAME = "snapshot.pt"
+
+# The official switches (config.py L109-116 "Disable individual features") that live in train.*: a checkpoint holds
+# their values in "params" (the stage's declared keys), the model.* ones in "model". Growing across a change of
+# any of them would mix two experiments in one run. Values for files made before a key existed: its default.
+TRAIN_SWITCHES = {"train.start_px": 4, "train.ema_decay": None, "train.reset_opt_each_phase": None}
 
 STAGE_KEYS = ("res_px", "model", "G", "D", "G_ema", "opt_G", "opt_D", "cur_nimg", "total_kimg")
 SNAPSHOT_KEYS = ("key", "cur_nimg", "G", "D", "G_ema", "opt_G", "opt_D", "rng", "sampler", "rows", "seconds")
@@ -129,6 +137,48 @@ def load_stage(path: str | Path, res_px: int) -> dict:
     return read(path, (CHECKPOINT,), STAGE_KEYS, res_px)
 
 
+def model_config(path: str | Path, model) -> ModelConfig:
+    """The ModelConfig a file's "model" dict describes; fields it lacks (older files) take their defaults."""
+    if not isinstance(model, dict):
+        raise ProganError(f"{path}: checkpoint 'model' must be a dict of ModelConfig fields")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(model) - names:
+        raise ProganError(f"{path}: checkpoint 'model' has unknown fields {sorted(set(model) - names)}")
+    try:
+        return ModelConfig(**model)
+    except ProganError as e:
+        raise ProganError(f"{path}: {e}") from None
+
+
+def settings(cfg: ModelConfig, train: dict) -> dict:
+    """{dotted key: value} of what must match between a stage and the checkpoint it grows from."""
+    return {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg).items()}, **train}
+
+
+def recorded_settings(path: str | Path, ckpt: dict) -> dict:
+    """`settings` as a stage checkpoint records them."""
+    params = ckpt.get("params") if isinstance(ckpt.get("params"), dict) else {}
+    return settings(model_config(path, ckpt["model"]), {k: params.get(k, d) for k, d in TRAIN_SWITCHES.items()})
+
+
+def check_grows_from(path: str | Path, ckpt: dict, cfg: ModelConfig, params) -> None:
+    """Refuse to grow from a checkpoint made with other model.* params or other feature switches: one line naming
+    the first key that differs, its two values and what to do."""
+    want = settings(cfg, {k: params.get(k) for k in TRAIN_SWITCHES})
+    have = recorded_settings(path, ckpt)
+    changed = [k for k in want if have.get(k) != want[k]]
+    if changed:
+        k = changed[0]
+        more = f" (and {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise ProganError(f"{path}: made with {k} {_yaml(have.get(k))}, params.yaml has {_yaml(want[k])}{more}; a stage "
+                          f"grows only from one trained with the same settings: re-run every stage from `progan train "
+                          f"--res {params.start_px}`, or restore {k}")
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def load_snapshot(path: str | Path) -> dict | None:
     """The snapshot dict, or None when absent. A damaged snapshot is an error (it is never silently dropped)."""
     path = Path(path)
@@ -151,15 +201,10 @@ def load_generator(path: str | Path, device="cpu") -> GeneratorFile:
     path = Path(path)
     obj = read(path, (CHECKPOINT, GENERATOR), GENERATOR_KEYS, fix="re-run the train stage that writes it")
     model = obj["model"]
-    if not isinstance(model, dict):
-        raise ProganError(f"{path}: checkpoint 'model' must be a dict of ModelConfig fields")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    if set(model) - names:
-        raise ProganError(f"{path}: checkpoint 'model' has unknown fields {sorted(set(model) - names)}")
     try:
-        G = Generator(ModelConfig(**model), obj["res_px"])
+        G = Generator(model_config(path, model), obj["res_px"])
     except ProganError as e:
-        raise ProganError(f"{path}: {e}") from None
+        raise ProganError(e if str(e).startswith(f"{path}: ") else f"{path}: {e}") from None
     if not isinstance(obj["G_ema"], dict):
         raise ProganError(f"{path}: checkpoint 'G_ema' is not a state dict")
     try:

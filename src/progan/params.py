@@ -100,7 +100,18 @@ class Params(Section):
 
     @property
     def resolutions(self) -> list[int]:
-        """Training resolutions 4, 8, ..., crop.size (one training stage each)."""
+        """Training resolutions train.start_px, ..., crop.size (one training stage each; 4 .. crop.size by default,
+        crop.size alone without growing)."""
+        return [r for r in self.levels if r >= int(self.train.start_px)]
+
+    @property
+    def start_px(self) -> int:
+        """The first training stage (official lod_initial_resolution): it starts from scratch, with no fade-in."""
+        return int(self.train.start_px)
+
+    @property
+    def levels(self) -> list[int]:
+        """Pyramid levels 4, 8, ..., crop.size (data/pyramid/<R>.npy), whatever stage training starts at."""
         return [2**k for k in range(2, int(self.crop.size).bit_length())]
 
     def stage(self, res: int) -> Section:
@@ -221,19 +232,24 @@ def validate(data: Any, name: str = DEFAULT_PATH) -> None:
     if errors:
         raise ParamsError(_format_error(name, errors[0], root_schema))
     # Checks a schema cannot express.
-    size = data["crop"]["size"]
-    wanted = [str(2**k) for k in range(2, int(size).bit_length())]
+    size, start = data["crop"]["size"], data["train"]["start_px"]
+    if start > size:
+        raise ParamsError(f"{name}: train.start_px {start} is above crop.size {size}; use at most {size} "
+                          f"(train.start_px = crop.size trains at full resolution only, the official -nogrowing)")
+    wanted = [str(2**k) for k in range(2, int(size).bit_length()) if 2**k >= start]
     have = list(data["train"]["stages"])
     missing = [r for r in wanted if r not in have]
-    extra = [r for r in have if r not in wanted]
+    extra = [r for r in have if int(r) > size]
     if missing:
-        raise ParamsError(f"{name}: train.stages has no entry for resolution {missing[0]}; "
-                          f"crop.size {size} needs exactly {', '.join(wanted)}")
+        needs = (f"crop.size {size} needs exactly {', '.join(wanted)}" if start == 4 else
+                 f"train.start_px {start} to crop.size {size} needs {', '.join(wanted)}")
+        raise ParamsError(f"{name}: train.stages has no entry for resolution {missing[0]}; {needs}")
     if extra:
         raise ParamsError(f"{name}: train.stages has resolution {extra[0]} above crop.size {size}; "
                           f"remove it or raise crop.size")
-    if data["train"]["stages"]["4"]["transition_kimg"] != 0:
-        raise ParamsError(f"{name}: train.stages.4.transition_kimg must be 0 (nothing to fade in at 4x4)")
+    if data["train"]["stages"][str(start)]["transition_kimg"] != 0:      # entries below start_px are not used
+        raise ParamsError(f"{name}: train.stages.{start}.transition_kimg must be 0: {start} px is the first stage "
+                          f"(train.start_px), there is nothing to fade in")
     bad = _first_non_finite(data)
     if bad is not None:   # YAML's .nan / .inf pass every schema range check (nan < 0 is false)
         raise ParamsError(f"{name}: {bad[0]} must be a finite number, got {bad[1]}")
@@ -276,7 +292,7 @@ def _check_batches(data: Mapping, name: str) -> None:
     world = gpus if isinstance(gpus, int) and gpus > 1 else (None if gpus == "auto" else 1)
     for res, stage in data["train"]["stages"].items():
         batch = stage["batch"]
-        if world is None:
+        if world is None or int(res) < data["train"]["start_px"]:        # below start_px: never trained
             continue
         if batch % world:
             raise ParamsError(f"{name}: train.stages.{res}.batch {batch} must be divisible by train.gpus {gpus} "

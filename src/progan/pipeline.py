@@ -20,8 +20,11 @@ A `Stage` holds what the front ends, the CLI, tracking and the report need to kn
            several = torchrun); progan.gpus turns it into the job's `gpu` resource and its lease
   mlflow   the job name of the MLflow child run it logs into (train and evaluate of a stage share one), or None
 Paths and keys may hold placeholders, filled per job: {res} the job's resolution; {prev} the one before it (an
-entry with {prev} is left out of the 4 px job); {final} crop.size; {each} every training resolution (consecutive
-{each} entries are repeated together for 4, 8, ..., crop.size).
+entry with {prev} is left out of the first training job, at train.start_px: it starts from scratch); {final}
+crop.size; {each} every training resolution (consecutive {each} entries are repeated together for train.start_px,
+..., crop.size); {level} every pyramid level, 4, 8, ..., crop.size (data does not depend on where training starts).
+So `train.start_px: <crop.size>` (the official -nogrowing) is one train and one evaluate job, the train job reading
+the pyramid level alone, in both front ends; nothing else changes.
 
 Derived from STAGES (no second list anywhere):
   Snakemake  workflow/rules/stages.smk: one rule per stage: inputs, outputs, params values, gpu resource, log, shell;
@@ -40,9 +43,9 @@ dvc.yaml is generated, not a DVC template: DVC's templating (params.yaml as vars
 item cannot refer to the previous item: treeverse/dvc#5167, #10627), so train@R cannot name the R/2 checkpoint and
 the report cannot list every stage's files. `dvc_yaml(params)` writes the stages of params.yaml's resolutions, and
 `sync_dvc_yaml` rewrites a generated dvc.yaml that no longer matches params.yaml: the Snakefile and every `progan`
-stage command call it, so after editing crop.size (or another of DAG_SHAPE_KEYS) nothing needs regenerating by
-hand. Under `dvc repro` the first stage command that finds it stale rewrites it and stops with one line saying to
-run `dvc repro` again (DVC has already planned the run from the old file).
+stage command call it, so after editing crop.size or train.start_px (or another of DAG_SHAPE_KEYS) nothing needs
+regenerating by hand. Under `dvc repro` the first stage command that finds it stale rewrites it and stops with one
+line saying to run `dvc repro` again (DVC has already planned the run from the old file).
 """
 from __future__ import annotations
 
@@ -56,12 +59,11 @@ import yaml
 
 from progan import paths
 
-RES, PREV, FINAL, EACH = "{res}", "{prev}", "{final}", "{each}"
+RES, PREV, FINAL, EACH, LEVEL = "{res}", "{prev}", "{final}", "{each}", "{level}"
 ALL_PARAMS = ""                    # as a params key: every key of params.yaml (DVC: `- params.yaml:`)
-FIRST_RES = 4                      # the first training stage: it grows from nothing
 OUT_KINDS = ("plain", "uncached", "metrics", "plots")
 # The params that decide which jobs the DAG has (not what a job computes): a change rewrites dvc.yaml.
-DAG_SHAPE_KEYS = ("crop.size", "evaluate.metrics", "evaluate.fid.min_res_px")
+DAG_SHAPE_KEYS = ("crop.size", "train.start_px", "evaluate.metrics", "evaluate.fid.min_res_px")
 REPORT_CATEGORIES = ("Samples", "Curves", "Evaluation", "Report")    # Snakemake's report, by what a file is
 
 
@@ -167,7 +169,8 @@ class Job:
 # errors, tracking) is left out on purpose: a change there would re-run the whole DAG.
 _MODEL = ("src/progan/model/layers.py", "src/progan/model/networks.py", "src/progan/checkpoint.py",
           "src/progan/pictures.py")
-_TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.tick_kimg", "train.loss", "train.gp_weight",
+_TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.start_px", "train.tick_kimg", "train.loss",
+               "train.gp_weight",
                "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps",
                "train.reset_opt_each_phase", "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips",
                "train.deterministic", "train.amp", "train.channels_last",
@@ -204,10 +207,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           params=("crop.detector", "crop.size", "crop.min_confidence", "crop.min_face_px", "crop.margin",
                   "crop.min_input_px", "crop.min_kept_fraction", "crop.max_image_pixels", "crop.batch_images"),
           gpu="one"),
-    Stage("pyramid", "progan.data.pyramid", "write data/pyramid/<res>.npy for every training resolution",
+    Stage("pyramid", "progan.data.pyramid", "write data/pyramid/<res>.npy for every resolution 4 .. crop.size",
           deps=(paths.FACES_DIR,),
           code=("src/progan/data/pyramid.py",),
-          outs=(Out(paths.pyramid_level(EACH), "uncached"), Out(paths.PYRAMID_INFO)),
+          outs=(Out(paths.pyramid_level(LEVEL), "uncached"), Out(paths.PYRAMID_INFO)),
           params=("crop.size", "pyramid.chunk_images")),
     Stage("fid-stats", "progan.metrics.real_stats",
           "the reals' Inception statistics of one pyramid level (FID, KID, IS): data/fid-stats/<res>.npz",
@@ -259,24 +262,29 @@ def gpu_stages() -> tuple[str, ...]:
 
 # ---- jobs -----------------------------------------------------------------------------------------------------
 
-def _fill(entries, resolutions, *, res=None, prev=None, final=None, path=lambda e: e, put=lambda e, p: p) -> list:
+def _fill(entries, params, *, res=None, prev=None, final=None, path=lambda e: e, put=lambda e, p: p) -> list:
     """The entries with their placeholders filled (see the module docstring); `path` reads an entry's template and
     `put` makes the filled entry (for Out). An entry with {prev} is left out when prev is None."""
     out, group = [], []
+    over = {EACH: params.resolutions, LEVEL: params.levels}       # what {each} and {level} repeat over
 
     def fill(e, each=None):
         text = path(e)
         if RES in text and res is None:
             raise ValueError(f"{text}: {RES} in a stage that is not per resolution")
-        return put(e, text.format(res=res, prev=prev, final=final, each=each))
+        return put(e, text.format(res=res, prev=prev, final=final, each=each, level=each))
 
     def flush():
-        out.extend(fill(e, r) for r in resolutions for e in group)
+        if group:
+            out.extend(fill(e, r) for r in over[group[0][0]] for _, e in group)
         group.clear()
 
     for e in entries:
-        if EACH in path(e):
-            group.append(e)
+        token = EACH if EACH in path(e) else LEVEL if LEVEL in path(e) else None
+        if token is not None:
+            if group and group[0][0] != token:
+                flush()
+            group.append((token, e))
             continue
         flush()
         if PREV not in path(e) or prev is not None:
@@ -285,8 +293,8 @@ def _fill(entries, resolutions, *, res=None, prev=None, final=None, path=lambda 
     return out
 
 
-def _fill_outs(outs, resolutions, **tokens) -> list[Out]:
-    return _fill(outs, resolutions, path=lambda o: o.path, put=lambda o, p: dataclasses.replace(o, path=p), **tokens)
+def _fill_outs(outs, params, **tokens) -> list[Out]:
+    return _fill(outs, params, path=lambda o: o.path, put=lambda o, p: dataclasses.replace(o, path=p), **tokens)
 
 
 def _dep_path(d) -> str:
@@ -295,16 +303,20 @@ def _dep_path(d) -> str:
 
 def _made(params) -> set[str]:
     """Every path a job of the table writes (outs only: no job's deps are needed for it)."""
-    resolutions = params.resolutions
     made = set()
     for s in STAGES.values():
         for r in (s.resolutions(params) if s.per_res else [None]):
-            made.update(o.path for o in _fill_outs(s.outs, resolutions, **_tokens(resolutions, r)))
+            made.update(o.path for o in _fill_outs(s.outs, params, **_tokens(params, r)))
     return made
 
 
-def _tokens(resolutions, res):
-    return {"res": res, "prev": res // 2 if res is not None and res > FIRST_RES else None, "final": resolutions[-1]}
+def prev_res(params, res: int) -> int | None:
+    """The stage a training job at `res` grows from: res / 2, or None at train.start_px (from scratch)."""
+    return res // 2 if res > params.start_px else None
+
+
+def _tokens(params, res):
+    return {"res": res, "prev": prev_res(params, res) if res is not None else None, "final": params.crop.size}
 
 
 def job(params, name: str, res: int | None = None) -> Job:
@@ -314,15 +326,13 @@ def job(params, name: str, res: int | None = None) -> Job:
         raise ValueError(f"stage {name}: res={res!r}, but it is {'' if s.per_res else 'not '}per resolution")
     if s.per_res and res not in s.resolutions(params):
         raise ValueError(f"stage {name} has no job at {res} px (it runs at {s.resolutions(params)})")
-    resolutions = params.resolutions
-    tokens = _tokens(resolutions, res)
-    deps = _fill(s.deps, resolutions, path=_dep_path, put=lambda d, p: IfMade(p) if isinstance(d, IfMade) else p,
+    tokens = _tokens(params, res)
+    deps = _fill(s.deps, params, path=_dep_path, put=lambda d, p: IfMade(p) if isinstance(d, IfMade) else p,
                  **tokens)
     if any(isinstance(d, IfMade) for d in deps):
         made = _made(params)
         deps = [_dep_path(d) for d in deps if not isinstance(d, IfMade) or d.path in made]
-    return Job(s, res, deps, _fill_outs(s.outs, resolutions, **tokens), _fill(s.params, resolutions, **tokens),
-               list(s.code))
+    return Job(s, res, deps, _fill_outs(s.outs, params, **tokens), _fill(s.params, params, **tokens), list(s.code))
 
 
 def jobs(params) -> list[Job]:
@@ -342,8 +352,7 @@ def edges(params) -> set[tuple[str, str]]:
 def output_patterns(params, name: str, res_token: str = "{res}") -> list[Out]:
     """The outputs of stage `name` with {res} left as `res_token` (Snakemake's wildcard, DVC's ${key})."""
     s = STAGES[name]
-    return _fill_outs(s.outs, params.resolutions, res=res_token if s.per_res else None,
-                      final=params.resolutions[-1])
+    return _fill_outs(s.outs, params, res=res_token if s.per_res else None, final=params.crop.size)
 
 
 def report_subcategory(name: str, res: int | str | None = None) -> str:
@@ -376,9 +385,9 @@ def mlflow_artifacts(params, mlflow_job: str, res: int) -> list[str]:
 
 # ---- dvc.yaml ---------------------------------------------------------------------------------------------------
 
-DVC_HEADER = ("# GENERATED from src/progan/pipeline.py and params.yaml: do not edit by hand. It follows params.yaml by\n"
-              "# itself (every `progan` stage command and the Snakefile rewrite it when crop.size, evaluate.metrics or\n"
-              "# evaluate.fid.min_res_px change the stages); `progan dvc-yaml` rewrites it at once.\n")
+DVC_HEADER = ("# GENERATED from src/progan/pipeline.py and params.yaml: do not edit by hand. It follows params.yaml\n"
+              "# by itself (every `progan` stage command and the Snakefile rewrite it when crop.size, train.start_px,\n"
+              "# evaluate.metrics or evaluate.fid.min_res_px change the stages); `progan dvc-yaml` rewrites it.\n")
 
 
 def _dvc_entry(cmd: str, deps: list[str], params: list[str], outs: list[Out]) -> dict:
@@ -411,25 +420,25 @@ def _foreach(params, s: Stage) -> dict:
     """A DVC `foreach` group for per-resolution stage `s`: the `do` template and the items, keyed by resolution
     (DVC names the jobs `train@16`). DVC cannot compute R/2, nor leave a dep out of one item, so a dep that varies
     between items (a {prev} dep, an IfMade one) becomes `${item.<name>}`, given per item (`prev`; an IfMade dep: the
-    rule name of the stage that makes it); an item without it (the 4 px job, evaluate@R below
-    evaluate.fid.min_res_px) gets its first other dep there instead (DVC counts a dep once)."""
-    resolutions, own = params.resolutions, s.resolutions(params)
+    rule name of the stage that makes it); an item without it (the first training job, at train.start_px; evaluate@R
+    below evaluate.fid.min_res_px) gets its first other dep there instead (DVC counts a dep once)."""
+    own = s.resolutions(params)
     varying = {d: ("prev" if PREV in _dep_path(d) else _producer(_dep_path(d)).rule)
                for d in s.deps if PREV in _dep_path(d) or isinstance(d, IfMade)}
     key = "${key}" if varying else "${item}"
-    tokens = {"res": key, "prev": "", "final": resolutions[-1]}
+    tokens = {"res": key, "prev": "", "final": params.crop.size}
     deps = ["${{item." + varying[d] + "}}" if d in varying else d for d in s.deps]  # whole paths: differ per item
-    do = _dvc_entry(s.command(key), _fill(deps, resolutions, **tokens) + list(s.code),
-                    _fill(s.params, resolutions, **tokens), _fill_outs(s.outs, resolutions, **tokens))
+    do = _dvc_entry(s.command(key), _fill(deps, params, **tokens) + list(s.code),
+                    _fill(s.params, params, **tokens), _fill_outs(s.outs, params, **tokens))
     if not varying:
         return {"foreach": [str(r) for r in own], "do": do}
     items = {}
     for r in own:
         j = job(params, s.name, r)
-        tokens_r = _tokens(resolutions, r)
+        tokens_r = _tokens(params, r)
         item = {}
         for d, name in varying.items():
-            path = _fill([d], resolutions, path=_dep_path, put=lambda e, p: p, **tokens_r)
+            path = _fill([d], params, path=_dep_path, put=lambda e, p: p, **tokens_r)
             item[name] = path[0] if path and path[0] in j.deps else j.deps[0]
         items[str(r)] = item
     return {"foreach": items, "do": do}
@@ -482,9 +491,10 @@ def sync_dvc_yaml(params) -> bool:
 
 
 def dag_shape(params) -> str:
-    """What DAG_SHAPE_KEYS make of the DAG, in words: 'crop.size 16: stages 4, 8, 16' (and '; fid-stats at 32, 64'
-    for each stage that runs at only some resolutions and has a job here)."""
-    text = f"crop.size {params.crop.size}: stages {', '.join(map(str, params.resolutions))}"
+    """What DAG_SHAPE_KEYS make of the DAG, in words: 'crop.size 16, train.start_px 4: stages 4, 8, 16' (and
+    '; fid-stats at 32, 64' for each stage that runs at only some resolutions and has a job here)."""
+    text = (f"crop.size {params.crop.size}, train.start_px {params.start_px}: "
+            f"stages {', '.join(map(str, params.resolutions))}")
     for s in STAGES.values():
         if s.per_res and s.at is not None and s.resolutions(params):
             text += f"; {s.name} at {', '.join(map(str, s.resolutions(params)))}"

@@ -71,7 +71,7 @@ def _write_all(f, tmp: Path, data) -> None:
 def run(params) -> dict:
     t0 = time.time()
     size_px = int(params.crop.size)
-    resolutions = params.resolutions  # 4 .. size_px
+    resolutions = params.levels  # 4 .. size_px, whatever stage training starts at (train.start_px)
     files = sorted(Path(paths.FACES_IMAGES_DIR).glob("*.png"))
     if not files:
         raise ProganError(f"{paths.FACES_IMAGES_DIR}: no face crops found; run `progan crop` first")

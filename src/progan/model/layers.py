@@ -2,6 +2,8 @@
 
 - Equalized learning rate (paper §4.1): weights are stored N(0, 1) and multiplied at run time by the He
   constant gain / sqrt(fan_in) (official `get_weight(..., use_wscale=True)`); biases are not scaled, init 0.
+  `equalized=False` is the official `use_wscale=False` (`-nowscale`, config.py L112): the same He constant is the
+  init's standard deviation, N(0, gain^2 / fan_in), and nothing is scaled at run time (networks.py L22-29).
 - Pixelwise feature vector normalization (paper §4.2, official `pixel_norm`).
 - Minibatch standard deviation (paper §3, official `minibatch_stddev_layer`).
 - Nearest 2x upsampling and 2x2 box downsampling (official `upscale2d` / `downscale2d`).
@@ -26,20 +28,37 @@ PIXELNORM_EPS = 1e-8    # official G_paper pixelnorm_epsilon
 MBSTD_EPS = 1e-8        # official minibatch_stddev_layer: sqrt(var + 1e-8)
 
 
-class EqualizedConv2d(nn.Module):
-    """Conv with 'same' padding, weight N(0,1) scaled by gain/sqrt(in*k*k) at run time (paper §4.1)."""
+def he_weight(shape: tuple[int, ...], fan_in: int, gain: float, equalized: bool) -> tuple[nn.Parameter, float]:
+    """A weight and its run-time scale, as the official `get_weight` (networks.py L22-29): std = gain / sqrt(fan_in)
+    (He init); equalized (use_wscale=True) stores N(0, 1) and scales by std at run time, else (use_wscale=False) it
+    stores N(0, std^2) and the scale is 1. Both draw the same randn, so the two differ by the factor std alone."""
+    std = gain / math.sqrt(fan_in)
+    w = torch.randn(shape)
+    if equalized:
+        return nn.Parameter(w), std
+    return nn.Parameter(w.mul_(std)), 1.0
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_px: int, gain: float = SQRT2):
+
+class EqualizedConv2d(nn.Module):
+    """Conv with 'same' padding, weight N(0,1) scaled by gain/sqrt(in*k*k) at run time (paper §4.1); with
+    `equalized=False` a plain He-initialised conv (official use_wscale=False)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_px: int, gain: float = SQRT2,
+                 equalized: bool = True):
         super().__init__()
         if kernel_px < 1 or kernel_px % 2 != 1:
             raise ValueError(f"kernel_px must be odd, got {kernel_px}")
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_px, kernel_px))
+        # official: fan_in = prod(shape[:-1]) = k * k * in (upscale2d_conv2d passes the same, networks.py L88)
+        self.weight, self.scale = he_weight((out_channels, in_channels, kernel_px, kernel_px),
+                                            in_channels * kernel_px * kernel_px, gain, equalized)
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.scale = gain / math.sqrt(in_channels * kernel_px * kernel_px)  # official: fan_in = prod(shape[:-1])
         self.padding = kernel_px // 2
 
+    def scaled_weight(self) -> Tensor:
+        return self.weight if self.scale == 1.0 else self.weight * self.scale
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        return F.conv2d(x, self.scaled_weight(), self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
@@ -50,17 +69,17 @@ class EqualizedLinear(nn.Module):
     """Dense layer, weight N(0,1) scaled by gain/sqrt(in_features) at run time (paper §4.1).
 
     `bias=False` leaves the bias to the caller (G's 4x4 dense adds a per-channel bias after the reshape,
-    as the official `G_paper` calls `apply_bias` after `tf.reshape`).
+    as the official `G_paper` calls `apply_bias` after `tf.reshape`). `equalized=False`: plain He init.
     """
 
-    def __init__(self, in_features: int, out_features: int, gain: float = SQRT2, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, gain: float = SQRT2, bias: bool = True,
+                 equalized: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.weight, self.scale = he_weight((out_features, in_features), in_features, gain, equalized)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.scale = gain / math.sqrt(in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.scale, self.bias)
+        return F.linear(x, self.weight if self.scale == 1.0 else self.weight * self.scale, self.bias)
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape
@@ -69,6 +88,16 @@ class EqualizedLinear(nn.Module):
 
 def leaky_relu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, LRELU_SLOPE)
+
+
+def relu(x: Tensor) -> Tensor:
+    """G's activation with model.leaky_relu false (official G_paper `use_leakyrelu=False`: tf.nn.relu, L171)."""
+    return F.relu(x)
+
+
+def identity(x: Tensor) -> Tensor:
+    """G's `PN` with model.pixel_norm false (official G_paper L168: `pixel_norm(x) if use_pixelnorm else x`)."""
+    return x
 
 
 def pixel_norm(x: Tensor, eps: float = PIXELNORM_EPS) -> Tensor:
@@ -164,8 +193,8 @@ class UpConv2d(EqualizedConv2d):
     The kernel is one GEMM (`_fused_kernel`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
-        super().__init__(in_channels, out_channels, 3, gain)
+    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2, equalized: bool = True):
+        super().__init__(in_channels, out_channels, 3, gain, equalized)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.transpose(0, 1)                              # [in, out, 3, 3] (conv_transpose layout)
@@ -182,8 +211,8 @@ class ConvDown2d(EqualizedConv2d):
     one GEMM (`_fused_kernel`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2):
-        super().__init__(in_channels, out_channels, 3, gain)
+    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2, equalized: bool = True):
+        super().__init__(in_channels, out_channels, 3, gain, equalized)
 
     def forward(self, x: Tensor) -> Tensor:
         w = _fused_kernel(self.weight, self.scale * 0.25)            # [out, in, 4, 4], scaled, / 4

@@ -11,6 +11,10 @@ computed: no recompiles under torch.compile as alpha changes). Values outside [0
 
 Where paper and code differ we follow the official code default (fused_scale=True): in D's blocks the bias and
 LReLU come after the 2x2 pooling (paper Table 2 lists Conv, Conv, Downsample).
+The official feature switches (config.py L109-116 "Disable individual features") are ModelConfig fields, each the
+official argument it mirrors: `pixel_norm` (G_paper use_pixelnorm: G's PN after every conv; the latents are still
+normalised, normalize_latents), `equalized_lr` (use_wscale, G and D), `leaky_relu` (G_paper use_leakyrelu: ReLU in
+G; D_paper always uses leaky ReLU, L254), `mbstd_group_size` 0 (D_paper: no stddev layer, L243, L277).
 Deviations from the official code (all flagged where they happen):
 - the fused up/down convs build their 4x4 kernel so they equal upsample+conv3x3 / conv3x3+pool with the SAME
   3x3 weight (see layers.UpConv2d);
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from progan.errors import ProganError
 from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLinear, UpConv2d, downsample2x,
-                                 leaky_relu, minibatch_stddev, pixel_norm, upsample2x)
+                                 identity, leaky_relu, minibatch_stddev, pixel_norm, relu, upsample2x)
 
 MAX_RES_PX = 1024
 
@@ -55,20 +59,39 @@ class ModelConfig:
     latent_dim: int = 512        # paper: 512 (official latent_size = nf(0))
     fmap_base: int = 8192        # official fmap_base: nf(stage) = min(fmap_base / 2^stage, fmap_max)
     fmap_max: int = 512
-    mbstd_group_size: int = 4    # official D_paper default; <= 1 disables the layer (as official)
+    mbstd_group_size: int = 4    # official D_paper default; 0 or 1 disables the layer (official `if > 1`, L277)
     num_channels: int = 3
+    pixel_norm: bool = True      # official G_paper use_pixelnorm (networks.py L156); -nopixelnorm (config.py L111)
+    equalized_lr: bool = True    # official use_wscale of G_paper / D_paper (L155, L242); -nowscale (config.py L112)
+    leaky_relu: bool = True      # official G_paper use_leakyrelu (L158); -noleakyrelu (config.py L113): ReLU in G
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ProganError(f"model.{f.name} must be an integer >= 1, got {value!r}")
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ProganError(f"model.{f.name} must be true or false, got {value!r}")
+                continue
+            low = 0 if f.name == "mbstd_group_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ProganError(f"model.{f.name} must be an integer >= {low}, got {value!r}")
 
     @classmethod
     def from_params(cls, params) -> "ModelConfig":
         m = params.model
         return cls(latent_dim=int(m.latent_dim), fmap_base=int(m.fmap_base), fmap_max=int(m.fmap_max),
-                   mbstd_group_size=int(m.mbstd_group_size))
+                   mbstd_group_size=int(m.mbstd_group_size), pixel_norm=bool(m.pixel_norm),
+                   equalized_lr=bool(m.equalized_lr), leaky_relu=bool(m.leaky_relu))
+
+    @property
+    def g_act(self):
+        """G's activation: leaky ReLU 0.2, or ReLU (official G_paper `act`, L171)."""
+        return leaky_relu if self.leaky_relu else relu
+
+    @property
+    def g_norm(self):
+        """G's PN after each activation: pixel_norm, or nothing (official G_paper `PN`, L168)."""
+        return pixel_norm if self.pixel_norm else identity
 
     def nf(self, res_px: int) -> int:
         """Feature maps at `res_px` (official `nf(stage)` with stage = log2(res_px) - 1; res_px 2 = stage 0)."""
@@ -111,33 +134,35 @@ def fade_reals(x: Tensor, alpha: float | Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- generator
 
 class _GFirstBlock(nn.Module):
-    """4x4: PN(z) -> dense to nf*16 -> reshape [N, nf, 4, 4] -> +bias -> LReLU -> PN -> conv3x3 -> LReLU -> PN."""
+    """4x4: PN(z) -> dense to nf*16 -> reshape [N, nf, 4, 4] -> +bias -> LReLU -> PN -> conv3x3 -> LReLU -> PN.
+    The latents are always normalised (official normalize_latents); the other PNs and the LReLUs follow `cfg`."""
 
-    def __init__(self, latent_dim: int, nf: int):
+    def __init__(self, cfg: ModelConfig, nf: int):
         super().__init__()
-        self.nf = nf
+        self.nf, self.act, self.norm = nf, cfg.g_act, cfg.g_norm
         # official G_paper: gain=np.sqrt(2)/4 "to match the original Theano implementation"
-        self.dense = EqualizedLinear(latent_dim, nf * 16, gain=SQRT2 / 4, bias=False)
+        self.dense = EqualizedLinear(cfg.latent_dim, nf * 16, gain=SQRT2 / 4, bias=False, equalized=cfg.equalized_lr)
         self.dense_bias = nn.Parameter(torch.zeros(nf))    # official apply_bias after the reshape: per channel
-        self.conv = EqualizedConv2d(nf, nf, 3)
+        self.conv = EqualizedConv2d(nf, nf, 3, equalized=cfg.equalized_lr)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.dense(pixel_norm(z)).view(-1, self.nf, 4, 4)          # [N, nf, 4, 4]
-        x = pixel_norm(leaky_relu(x + self.dense_bias.to(x.dtype).view(1, -1, 1, 1)))
-        return pixel_norm(leaky_relu(self.conv(x)))
+        x = self.norm(self.act(x + self.dense_bias.to(x.dtype).view(1, -1, 1, 1)))
+        return self.norm(self.act(self.conv(x)))
 
 
 class _GBlock(nn.Module):
     """8x8 and up: upsample -> conv3x3 -> LReLU -> PN -> conv3x3 -> LReLU -> PN (upsample fused into conv0)."""
 
-    def __init__(self, in_nf: int, nf: int):
+    def __init__(self, cfg: ModelConfig, in_nf: int, nf: int):
         super().__init__()
-        self.conv0 = UpConv2d(in_nf, nf)      # official Conv0_up (fused_scale=True)
-        self.conv1 = EqualizedConv2d(nf, nf, 3)
+        self.act, self.norm = cfg.g_act, cfg.g_norm
+        self.conv0 = UpConv2d(in_nf, nf, equalized=cfg.equalized_lr)      # official Conv0_up (fused_scale=True)
+        self.conv1 = EqualizedConv2d(nf, nf, 3, equalized=cfg.equalized_lr)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = pixel_norm(leaky_relu(self.conv0(x)))                       # [N, nf, 2H, 2W]
-        return pixel_norm(leaky_relu(self.conv1(x)))
+        x = self.norm(self.act(self.conv0(x)))                          # [N, nf, 2H, 2W]
+        return self.norm(self.act(self.conv1(x)))
 
 
 class Generator(nn.Module):
@@ -152,10 +177,11 @@ class Generator(nn.Module):
         # Interleaved creation order: with the same seed, the 4..R/2 weights of G(R) equal those of G(R/2).
         for res in _resolutions(self.res_px):
             if res == 4:
-                self.blocks["4"] = _GFirstBlock(cfg.latent_dim, cfg.nf(4))
+                self.blocks["4"] = _GFirstBlock(cfg, cfg.nf(4))
             else:
-                self.blocks[str(res)] = _GBlock(cfg.nf(res // 2), cfg.nf(res))
-            self.to_rgb[str(res)] = EqualizedConv2d(cfg.nf(res), cfg.num_channels, 1, gain=1.0)  # official ToRGB gain 1
+                self.blocks[str(res)] = _GBlock(cfg, cfg.nf(res // 2), cfg.nf(res))
+            self.to_rgb[str(res)] = EqualizedConv2d(cfg.nf(res), cfg.num_channels, 1, gain=1.0,   # official ToRGB gain 1
+                                                    equalized=cfg.equalized_lr)
 
     def forward(self, z: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.cfg.latent_dim:
@@ -179,13 +205,13 @@ class Generator(nn.Module):
 class _DLastBlock(nn.Module):
     """4x4: minibatch stddev -> conv3x3 -> LReLU -> dense to nf(stage 0) -> LReLU -> dense to 1 (gain 1)."""
 
-    def __init__(self, nf: int, nf_dense: int, mbstd_group_size: int):
+    def __init__(self, nf: int, nf_dense: int, mbstd_group_size: int, equalized: bool = True):
         super().__init__()
         self.mbstd_group_size = mbstd_group_size
         extra = 1 if mbstd_group_size > 1 else 0                        # official: `if mbstd_group_size > 1`
-        self.conv = EqualizedConv2d(nf + extra, nf, 3)
-        self.dense0 = EqualizedLinear(nf * 16, nf_dense)               # official Dense0: nf(res - 2) = nf(0)
-        self.dense1 = EqualizedLinear(nf_dense, 1, gain=1.0)           # official Dense1 gain=1
+        self.conv = EqualizedConv2d(nf + extra, nf, 3, equalized=equalized)
+        self.dense0 = EqualizedLinear(nf * 16, nf_dense, equalized=equalized)   # official Dense0: nf(res - 2) = nf(0)
+        self.dense1 = EqualizedLinear(nf_dense, 1, gain=1.0, equalized=equalized)   # official Dense1 gain=1
 
     def forward(self, x: Tensor, parts: int = 1) -> Tensor:
         if self.mbstd_group_size > 1:
@@ -202,10 +228,10 @@ class _DBlock(nn.Module):
     The paper's Table 2 (and official fused_scale=False) pools after the LReLU; the code default differs.
     """
 
-    def __init__(self, nf: int, out_nf: int):
+    def __init__(self, nf: int, out_nf: int, equalized: bool = True):
         super().__init__()
-        self.conv0 = EqualizedConv2d(nf, nf, 3)
-        self.conv1 = ConvDown2d(nf, out_nf)
+        self.conv0 = EqualizedConv2d(nf, nf, 3, equalized=equalized)
+        self.conv1 = ConvDown2d(nf, out_nf, equalized=equalized)
 
     def forward(self, x: Tensor) -> Tensor:
         x = leaky_relu(self.conv0(x))
@@ -227,11 +253,11 @@ class Discriminator(nn.Module):
         self.from_rgb = nn.ModuleDict()
         for res in _resolutions(self.res_px):
             # official FromRGB: 1x1 conv, gain sqrt(2), then LReLU (applied in forward)
-            self.from_rgb[str(res)] = EqualizedConv2d(cfg.num_channels, cfg.nf(res), 1)
+            self.from_rgb[str(res)] = EqualizedConv2d(cfg.num_channels, cfg.nf(res), 1, equalized=cfg.equalized_lr)
             if res == 4:
-                self.blocks["4"] = _DLastBlock(cfg.nf(4), cfg.nf(2), cfg.mbstd_group_size)
+                self.blocks["4"] = _DLastBlock(cfg.nf(4), cfg.nf(2), cfg.mbstd_group_size, cfg.equalized_lr)
             else:
-                self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2))
+                self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2), cfg.equalized_lr)
 
     def forward(self, x: Tensor, alpha: float | Tensor = 1.0, parts: int = 1) -> Tensor:
         top = self.res_px

@@ -69,8 +69,9 @@ def run(params, res: int, lease: gpus.Lease | None = None) -> dict:
     return training_loop(params, res, use_cuda=n_gpus == 1 and torch.cuda.is_available())
 
 
-def training_loop(params, res: int, use_cuda: bool) -> dict:
-    """Train stage `res` to its end (or resume it from its snapshot); returns train.json's dict."""
+def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
+    """Train stage `res` to its end (or resume it from its snapshot); returns train.json's dict. `on_tick(cur_nimg,
+    nets, alpha)`, when given, is called on rank 0 at the end of every tick (its time is left out of the stage's)."""
     # Settings, read once: params.yaml values in the units the loop counts in (images, seconds).
     tp = params.train
     seed = int(params.seed)
@@ -129,7 +130,8 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
 
         # Resume from a mid-stage snapshot, if one was made with the same settings.
         key = {"res_px": res, "model": dataclasses.asdict(nets.cfg), "prev_checkpoint_sha256": nets.prev_sha256,
-               "seed": seed, "world": env.world, "batch": sched.batch}
+               "seed": seed, "world": env.world, "batch": sched.batch,
+               **{k: params.get(k) for k in checkpoint.TRAIN_SWITCHES}}       # never resume across a switch
         snap = checkpoint.load_snapshot(resume_path)
         if snap is not None and snap["key"] != key:
             log.warning("train %d px: %s was made with other %s; starting the stage over", res, resume_path,
@@ -185,7 +187,8 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                                               device, channels_last, env.rank, env.world)
                     stats.add(step.train_step(nets, opt_G, opt_D, inputs, step_settings, env.world, autocast))
                 except torch.cuda.OutOfMemoryError as e:
-                    raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done) from e
+                    raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done,
+                                          grows=nets.prev is not None) from e
                 cur_nimg += sched.batch
                 if bar is not None:
                     bar.update(sched.batch / 1000)
@@ -223,6 +226,12 @@ def training_loop(params, res: int, use_cuda: bool) -> dict:
                         resume_path, key, nets, opt_G, opt_D, cur_nimg, sampler, rows, now - stage_start_time,
                         params, env):
                     snapshot_nimg_done = cur_nimg
+                if on_tick is not None and env.is_main:       # e.g. bench/bench_quality.py's SWD at fixed points
+                    hook_start = time.time()
+                    on_tick(cur_nimg, nets, alpha)
+                    hook_seconds = time.time() - hook_start       # not training's: out of img/s and seconds
+                    tick_start_time += hook_seconds
+                    stage_start_time += hook_seconds
             if bar is not None:
                 bar.close()
 
@@ -325,12 +334,12 @@ def _kept(resume_path: Path, snapshot_nimg: int | None) -> str:
 
 
 def _out_of_memory(err, res: int, sched, step_nimg: int, phase: str, resume_path: Path,
-                   snapshot_nimg: int | None) -> ProganError:
+                   snapshot_nimg: int | None, grows: bool = True) -> ProganError:
     """CUDA OOM in a training step: lower train.stages.<res>.batch. A snapshot resumes only with the batch it was
     made with (its key), so the message says the stage then restarts from the previous checkpoint."""
-    start = paths.checkpoint(res // 2) if res > 4 else "scratch"
+    start = paths.checkpoint(res // 2) if grows else "scratch"
     if snapshot_nimg is None:
-        kept = f"no snapshot yet; the stage restarts from {start}" + (", which is untouched" if res > 4 else "")
+        kept = f"no snapshot yet; the stage restarts from {start}" + (", which is untouched" if grows else "")
     else:
         kept = (f"the snapshot {resume_path} (stage kimg {snapshot_nimg / 1000:.3f}) is kept, but it resumes only "
                 f"with batch {sched.batch}: with a lower batch the stage restarts from {start}")

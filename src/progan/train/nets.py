@@ -3,7 +3,10 @@
 New layers of G_ema start as copies of G's new layers (official: Gs is cloned from G at construction; the grown
 layers of both come from the same init). Adam has the paper's betas (0, 0.99) and eps 1e-8 (§A.1; official
 G_opt / D_opt, config.py L45-46), fused: one kernel per step, and it honours `found_inf` (nonfinite.step_if_finite);
-`reset_opt_each_phase` false carries its state across stages by parameter name (train/state.py).
+`reset_opt_each_phase` false (official `-noreset`, reset_opt_for_new_lod = False) carries its state across stages
+by parameter name (train/state.py), and the new layers' first steps are those of the official never-reset Adam.
+The first stage (train.start_px: 4, or crop.size without growing) starts from scratch; every later one grows from
+the stage R/2 checkpoint, which must have been made with the same model.* and switches (checkpoint.check_grows_from).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class Nets:
     D: torch.nn.Module
     G_ema: torch.nn.Module
     cfg: ModelConfig
-    prev: dict | None              # the stage R/2 checkpoint (None at 4x4)
+    prev: dict | None              # the stage R/2 checkpoint (None at the first stage, train.start_px)
     prev_sha256: str | None
     grown_keys: list[str]          # G keys new at this resolution (G_ema copies them from G)
 
@@ -39,15 +42,11 @@ def build_networks(params, res: int) -> Nets:
     torch.manual_seed(derive_seed(params.seed, res, 1))
     G, D = Generator(cfg, res), Discriminator(cfg, res)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    if res == 4:
+    if res == params.start_px:
         return Nets(G, D, G_ema, cfg, None, None, sorted(G.state_dict()))
     prev_path = Path(paths.checkpoint(res // 2))
     prev = checkpoint.load_stage(prev_path, res // 2)
-    if prev["model"] != dataclasses.asdict(cfg):
-        changed = sorted(k for k in set(prev["model"]) | set(dataclasses.asdict(cfg))
-                         if prev["model"].get(k) != dataclasses.asdict(cfg).get(k))
-        raise ProganError(f"{prev_path}: trained with other model params ({', '.join(changed)}); "
-                          f"re-run every stage from `progan train --res 4` or restore params.yaml model.*")
+    checkpoint.check_grows_from(prev_path, prev, cfg, params)
     try:
         grown = load_grown(G, prev["G"])
         load_grown(D, prev["D"])
@@ -77,9 +76,10 @@ class Adam(NamedTuple):
 
 
 def carry_optimizer_state(nets: Nets, res: int, opt_G, opt_D) -> None:
-    """Load the stage R/2 Adam state into the stage R optimizers, matched by parameter name; new parameters start
-    with zero moments (train.reset_opt_each_phase false)."""
+    """Load the stage R/2 Adam state into the stage R optimizers, matched by parameter name (train.reset_opt_each_phase
+    false). New parameters start with zero moments at the optimizer's step count, as in the official run, where every
+    layer exists from the start under one tf.train.AdamOptimizer whose bias correction counts all its steps."""
     prev_G, prev_D = Generator(nets.cfg, res // 2), Discriminator(nets.cfg, res // 2)
     for opt, prev_net, net, key in ((opt_G, prev_G, nets.G, "opt_G"), (opt_D, prev_D, nets.D, "opt_D")):
         opt.load_state_dict(state.remap_optimizer_state(nets.prev[key], [n for n, _ in prev_net.named_parameters()],
-                                                        [n for n, _ in net.named_parameters()]))
+                                                        list(net.named_parameters())))

@@ -38,16 +38,27 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer state across stages (only used when train.reset_opt_each_phase is false).
 
-def remap_optimizer_state(prev_state: dict, prev_names: list[str], new_names: list[str]) -> dict:
-    """Adam state of the previous stage's optimizer re-indexed for the grown network's parameter list.
+def remap_optimizer_state(prev_state: dict, prev_names: list[str], new_params: list[tuple[str, torch.Tensor]]) -> dict:
+    """Adam state of the previous stage's optimizer re-indexed for the grown network's (name, parameter) list.
 
-    torch optimizers key their state by parameter position; names tie positions across stages.
-    Parameters new in this stage get no state (Adam starts them from zero moments).
+    torch optimizers key their state by parameter position; names tie positions across stages. A parameter new in
+    this stage starts with zero moments at the step count the others have reached: the official never-reset run
+    (train.py L137 reset_opt_for_new_lod = False) builds every layer at the start under one tf.train.AdamOptimizer,
+    whose bias correction uses one step count for all variables (its beta1_power / beta2_power), and a layer that has
+    had no gradient yet has zero moments (beta1 = 0). So its first update is lr * sqrt(1 - beta2^t) * g / sqrt((1 -
+    beta2) g^2), about 10 lr, not the lr of a fresh Adam (tests/test_train.py rebuilds the TF Adam update).
     """
-    new_index = {n: i for i, n in enumerate(new_names)}
+    new_index = {n: i for i, (n, _) in enumerate(new_params)}
     state = {}
     for old_i, name in enumerate(prev_names):
         if old_i in prev_state["state"] and name in new_index:
             state[new_index[name]] = prev_state["state"][old_i]
-    groups = [dict(prev_state["param_groups"][0], params=list(range(len(new_names))))]
+    steps = [torch.as_tensor(s["step"]) for s in state.values() if "step" in s]
+    if steps:
+        step = max(steps, key=float)
+        for i, (_, param) in enumerate(new_params):
+            if i not in state:
+                zeros = torch.zeros_like(param, memory_format=torch.preserve_format).detach()
+                state[i] = {"step": step.clone(), "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+    groups = [dict(prev_state["param_groups"][0], params=list(range(len(new_params))))]
     return {"state": state, "param_groups": groups}
