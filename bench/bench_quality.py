@@ -397,6 +397,14 @@ def plot(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def portable(text: str) -> str:
+    """The published results.json without this machine's folders: paths under the checkout relative to it, the
+    shared data as `../shared/data/` (where every checkout finds it)."""
+    shared = str(REPO.parent / "shared") + "/"
+    return text.replace(str(CELEBA.resolve().parents[1]) + "/", "../shared/").replace(shared, "../shared/").replace(
+        str(REPO) + "/", "")
+
+
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -471,7 +479,7 @@ def main() -> None:
         docs.mkdir(parents=True, exist_ok=True)
         for f in ["swd.png", "table.md", *(f"samples_{n}.png" for n in runs if n in ("growing", "nogrowing"))]:
             shutil.copy2(OUT / f, docs / f)
-        (docs / "results.json").write_text(json.dumps(result, indent=1))
+        (docs / "results.json").write_text(portable(json.dumps(result, indent=1)))
     print(f"({time.time() - t0:.0f} s) -> {OUT / 'results.json'}")
 
 
