@@ -4,9 +4,9 @@
 The critic runs three times per D step, on reals, fakes and the penalty's mixed images separately, as the official
 code does (loss.py D_wgangp_acgan: `real_scores_out = fp32(D.get_output_for(reals, ...))`, `fake_scores_out =
 ...(fakes ...)`, `mixed_scores_out = ...(mixed_images_out ...)`), then once on fresh fakes in the G step. Copied
-from train/step.py and train/loss.py at main b1cf58f (`train_step`, `d_loss`, `gradient_penalty`, `g_loss`), cut
-down to the branches train_step took (d_loss with gp_weight 0, the penalty with the step's mix), the arithmetic
-unchanged; one change: the stats keep float64 when the nets are float64 (main cast them to float32), so the
+from train/step.py and train/loss.py at main b1cf58f (`train_step`, `d_loss`), cut down to the branches train_step
+took (d_loss with gp_weight 0), the arithmetic unchanged; the penalty and the G loss, which #17 left as they were,
+are progan.train.loss's own; one change: the stats keep float64 when the nets are float64 (main cast them to float32), so the
 float64 equality test can compare losses to 1e-10. `train_step` also runs the fused up/down convs' 4x4 kernels
 built as main built them (`main_fused_kernels`: pad + four shifted slices + sums, where layers.py now does one GEMM).
 """
@@ -16,32 +16,13 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from progan.model import layers
 
 from progan.train import dist
+from progan.train.loss import LSGAN_FAKE_WEIGHT, _fp32, g_loss, gradient_penalty   # unchanged by #17: shared
 from progan.train.nonfinite import step_if_finite
 from progan.train.step import ema_update
-
-WGAN_TARGET = 1.0
-LSGAN_FAKE_WEIGHT = 0.1
-
-
-def _fp32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def gradient_penalty(D, reals, fakes, alpha, *, mix, resolution_factor=1.0):
-    n = reals.shape[0]
-    mix = mix.reshape(n, 1, 1, 1).to(device=reals.device, dtype=reals.dtype)
-    x_hat = torch.lerp(reals.detach(), fakes.detach().to(reals.dtype), mix).requires_grad_(True)
-    scores = _fp32(D(x_hat, alpha))                                    # [N]
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    norms = _fp32(grad).square().sum(dim=tuple(range(1, grad.ndim))).sqrt()   # [N]
-    if resolution_factor != 1.0:
-        norms = norms / resolution_factor
-    return (norms - WGAN_TARGET).square().mean()
 
 
 def d_loss(D, reals, fakes, alpha, kind, drift_weight):
@@ -56,13 +37,6 @@ def d_loss(D, reals, fakes, alpha, kind, drift_weight):
     else:
         loss = real_scores.square().mean() + LSGAN_FAKE_WEIGHT * (fake_scores - 1.0).square().mean()
     return loss, {"d_real": real_scores.mean().detach(), "d_fake": fake_scores.mean().detach()}
-
-
-def g_loss(D, fakes, alpha, kind):
-    fake_scores = _fp32(D(fakes, alpha))                               # [N]
-    if kind == "wgan-gp":
-        return -fake_scores.mean()
-    return fake_scores.square().mean()
 
 
 def _up_forward(self, x):            # main's layers.UpConv2d.forward
