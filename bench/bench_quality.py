@@ -49,11 +49,13 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gp_resolution import progan  # noqa: E402  (one `progan <stage>` runner for the benches)
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
 DOCS = REPO / "docs" / "quality"
 CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
-PROGAN = str(Path(sys.executable).with_name("progan"))
 SIZE = 32
 NETS = {"tiny": dict(latent_dim=16, fmap_base=64, fmap_max=16), "demo": dict(latent_dim=64, fmap_base=256, fmap_max=64)}
 # The official switches (config.py L109-116 "Disable individual features"), as params.yaml overrides.
@@ -111,13 +113,6 @@ def params_for(variant: str, args, n_images: int = 100_000) -> dict:
     p["report"]["grid_images"] = GRID
     p["mlflow"]["tracking_uri"] = NO_MLFLOW
     return p
-
-
-def progan(root: Path, *args: str, env: dict) -> None:
-    proc = subprocess.run([PROGAN, *args, "--params", str(root / "params.yaml")], cwd=root, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed in {root}:\n{proc.stderr[-3000:]}")
 
 
 def prepare_data(args, env: dict) -> Path:
