@@ -181,3 +181,22 @@ def celeba_faces(n: int, res: int, start: int = 0):
         with Image.open(f) as im:
             faces.append(np.asarray(im.convert("RGB").crop((0, 20, 178, 198)).resize((res, res), Image.BOX)))
     return np.stack(faces)
+
+
+def kill_when_file_exists(cmd: list[str], path: Path, *, env: dict, cwd: Path | None = None,
+                          timeout_s: float = 240) -> None:
+    """Run `cmd` and SIGKILL it (no handler, no cleanup) as soon as `path` exists; then assert it died by the
+    signal and that `path` is there (the process did not finish, or fail, first). A hang fails after timeout_s."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -9, f"{' '.join(cmd)}: exit {proc.returncode} before {path} appeared"
+    assert path.is_file(), f"{path} never appeared within {timeout_s} s"

@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from progan.model.networks import Discriminator, Generator, ModelConfig
 from progan.train import data, loop, nets as nets_mod, step
 from progan.train.loss import penalty_resolution_factor
 
-from helpers import PHOTOS_DIR, celeba_faces, tiny_params, tool_env
+from helpers import PHOTOS_DIR, celeba_faces, kill_when_file_exists, random_inception_weights, tiny_params, tool_env
 from test_resume import STAGES, _loss_columns
 from test_simulated_devices import faces, run_dag_on_one_device  # noqa: F401 (faces: a fixture)
 from test_train import NO_MLFLOW, _stage, make_project
@@ -390,22 +389,9 @@ def test_swd_and_msssim_match_the_cpu(device):
 
 @pytest.fixture(scope="module")
 def inception_bytes() -> bytes:
-    """torch.save of torch-fidelity's real Inception network with its default random init (the published weights
-    cannot be downloaded in tests; tests/test_inception.py does the same)."""
-    import io
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("x", list(inception.FEATURES), feature_extractor_weights_path=empty)
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    return buf.getvalue()
+    """torch-fidelity's real Inception network with random He-normal weights (helpers.random_inception_weights: the
+    published weights cannot be downloaded in tests; torch's default init would shrink the features to ~1e-8)."""
+    return random_inception_weights()
 
 
 def features_of(images: np.ndarray, data_bytes: bytes, device: str) -> fid.FeatureSet:
@@ -526,16 +512,8 @@ def test_a_killed_stage_resumes_on_cuda(tmp_path):
     shutil.move(tmp_path / "results" / "8", ref)
 
     snap = tmp_path / paths.resume_dir(8) / "snapshot.pt"
-    proc = subprocess.Popen(progan_cmd("train", "--res", "8", "--params", str(params_path)), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not snap.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        proc.kill()                                                  # SIGKILL: no handler, no cleanup
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -9
+    kill_when_file_exists(progan_cmd("train", "--res", "8", "--params", str(params_path)), snap, env=env, cwd=tmp_path,
+                          timeout_s=RUN_TIMEOUT_S)
     assert snap.is_file() and not (tmp_path / paths.checkpoint(8)).exists(), "killed too late: the stage had finished"
     snapshot = torch.load(snap, weights_only=True)
     snap_kimg, snap_rows = snapshot["cur_nimg"] / 1000, snapshot["rows"]

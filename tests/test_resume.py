@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from progan import params as params_mod, paths
 from progan.errors import ProganError
 from progan.train import loop
 
+from helpers import kill_when_file_exists
 from test_train import NO_MLFLOW, _stage, make_project, one_thread
 
 PROGAN = str(Path(sys.executable).with_name("progan"))
@@ -67,16 +67,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
 
     # 2. The same run, SIGKILLed as soon as its first snapshot exists.
     snap = Path(paths.resume_dir(8)) / "snapshot.pt"
-    proc = subprocess.Popen([PROGAN, "train", "--res", "8", "--params", str(params_path)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not snap.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.kill()                                   # SIGKILL: no handler, no cleanup
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -9
+    kill_when_file_exists([PROGAN, "train", "--res", "8", "--params", str(params_path)], snap, env=_env())
     assert snap.is_file() and not Path(paths.checkpoint(8)).exists(), "killed too late: the stage had finished"
     snap_kimg = torch.load(snap, weights_only=True)["cur_nimg"] / 1000
     assert 0.1 <= snap_kimg < 0.6
