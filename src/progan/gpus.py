@@ -296,3 +296,22 @@ def _holding(devices: list[str], asked: int) -> Iterator[Lease]:
 def current() -> Lease | None:
     """The lease this process holds (None outside `progan` GPU commands, e.g. in tests calling run())."""
     return _held
+
+
+@contextlib.contextmanager
+def fp32_convolutions(device) -> Iterator[None]:
+    """On a CUDA `device`, cuDNN convolutions in full fp32 for the block (no TF32: its 10-bit mantissa products move
+    a network's outputs by ~1e-3 relative), the previous setting restored after. Only `allow_tf32` is touched
+    (`torch.backends.cudnn.flags()` would also reset `benchmark` and `deterministic` to its own defaults). For the
+    networks whose numbers must match a reference (MTCNN, Inception); on other devices it does nothing."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

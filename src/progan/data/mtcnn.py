@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from progan import gpus
 from progan.errors import ProganError
 
 PNET_CELL_PX = 12        # P-Net's receptive field (package: generate_bounding_box cell_size)
@@ -319,10 +320,8 @@ class MTCNN:
             if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
                 raise ValueError(f"image {i}: expected a uint8 array [H, W, 3], got "
                                  f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
-        if self.device.type == "cuda":   # TF32 convolutions would lose the 1e-5 agreement with the package
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-                return self._detect(images)
-        return self._detect(images)
+        with gpus.fp32_convolutions(self.device):   # TF32 would lose the 1e-5 agreement with the package
+            return self._detect(images)
 
     def _detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         buckets: dict[tuple[int, int], list[int]] = {}

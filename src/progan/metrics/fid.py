@@ -15,12 +15,12 @@
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from progan import gpus
 from progan.metrics.inception import FEATURE_DIM, LOGITS_DIM
 
 
@@ -80,8 +80,7 @@ def extract(net, images: np.ndarray, into: FeatureSet, batch: int, device, tick:
     On CUDA the convolutions run in full fp32: cuDNN's default TF32 (10-bit mantissa products) moves the features
     by ~1e-3 relative, and the reference numbers come from the fp32 TF graph (tests/test_cuda.py compares CUDA
     with the CPU)."""
-    fp32 = _cudnn_fp32() if torch.device(device).type == "cuda" else contextlib.nullcontext()
-    with fp32:
+    with gpus.fp32_convolutions(device):
         for start in range(0, len(images), batch):
             chunk = np.ascontiguousarray(images[start:start + batch])
             x = torch.from_numpy(chunk).to(device).permute(0, 3, 1, 2)       # [B, 3, R, R] uint8, as the net wants
@@ -89,18 +88,6 @@ def extract(net, images: np.ndarray, into: FeatureSet, batch: int, device, tick:
             into.add(features, logits)
             if tick is not None:
                 tick(len(chunk))
-
-
-@contextlib.contextmanager
-def _cudnn_fp32():
-    """cuDNN convolutions without TF32 for the block, restored after (cudnn.flags() would also reset benchmark and
-    deterministic to its own defaults)."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 def extract_all(net, batches: Iterable[np.ndarray], into: FeatureSet, batch: int, device,
