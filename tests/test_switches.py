@@ -90,8 +90,13 @@ def test_leaky_relu_switch_leaves_d_alone_and_mbstd_0_removes_the_layer():
 def test_nowscale_is_plain_he_init_with_no_run_time_scale():
     """Official get_weight (networks.py L22-29): std = gain / sqrt(fan_in); use_wscale=True stores N(0, 1) times a
     constant wscale = std, use_wscale=False stores a variable drawn from N(0, std^2). Both draw the same randn here,
-    so the networks compute the same function at init; only what Adam updates (and so the effective step) differs."""
-    for Net, res, inputs in ((Generator, 16, torch.randn(4, 16)), (Discriminator, 16, torch.randn(4, 3, 16, 16))):
+    so the networks compute the same function at init; only what Adam updates (and so the effective step) differs.
+    The forward passes are compared in float64 (seeded inputs): in float32 the fused layers fold the scale into the
+    4x4 kernel in a different order (`w @ (M * std)` against `(w * std) @ M`), a last-bit difference that the nets
+    amplify past 1e-6 for some inputs (this test was flaky on the unseeded global RNG)."""
+    gen = torch.Generator().manual_seed(3)
+    for Net, res, inputs in ((Generator, 16, torch.randn(4, 16, generator=gen, dtype=torch.float64)),
+                             (Discriminator, 16, torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64))):
         torch.manual_seed(2)
         eq = Net(ModelConfig(**TINY), res)
         torch.manual_seed(2)
@@ -103,8 +108,13 @@ def test_nowscale_is_plain_he_init_with_no_run_time_scale():
             torch.testing.assert_close(b.weight, a.weight * a.scale, rtol=0, atol=0)   # N(0, std^2), the same draw
             fan_in = a.weight[0].numel()
             assert a.scale == pytest.approx(_gain(a) / math.sqrt(fan_in))
+        eq, plain = eq.double(), plain.double()
         with torch.no_grad():
-            torch.testing.assert_close(plain(inputs), eq(inputs), rtol=1e-6, atol=1e-6)
+            for a, b in zip(eq.modules(), plain.modules()):     # the fp32 relation above, rounded once in fp64
+                if isinstance(a, (EqualizedConv2d, EqualizedLinear)):
+                    b.weight.copy_(a.weight * a.scale)
+            # fp64: the two orders of the same sums differ by ~1e-16 relative per op; 1e-10 leaves a wide margin
+            torch.testing.assert_close(plain(inputs), eq(inputs), rtol=1e-10, atol=1e-10)
     big = EqualizedConv2d(256, 512, 3, equalized=False)               # He init: std sqrt(2 / (9 * 256))
     assert big.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 256)), rel=0.01)
 
