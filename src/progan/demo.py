@@ -1,8 +1,8 @@
 """`progan demo --folder DIR [--minutes N]`: the whole DAG to 32 px with small nets, offline, on the CPU.
 
-Writes `<workdir>/params.yaml` (workflow/params.demo.yaml, the base preset with the demo's differences put in, with
-`data.folder` set to DIR) and runs
-`snakemake --cores all` there against the checkout's Snakefile. Re-running continues where it stopped.
+Writes `<workdir>/params.yaml` (the base preset with workflow/params.demo.yaml's differences put in, `data.folder` set
+to DIR) and runs `snakemake --cores all` there against the checkout's Snakefile. Re-running continues where it
+stopped.
 
 The demo's schedule is sized for about two minutes on a 2-core CPU, with the lr that bench/bench_quality.py found
 to learn fastest there over its 14 kimg (see params.demo.yaml's header). `--minutes N` stretches it: the kimg of

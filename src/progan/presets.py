@@ -125,8 +125,9 @@ def expand(delta_text: str, where: str) -> str:
     out = list(header or base_header)
     for key, lines in base:
         block = next((b for b in WHOLE if key and _under(key, b) and b in mine), None)
-        if block is not None:                           # the delta's block in place of the base's, once
-            out += [line for k, ls in delta if k and _under(k, block) for line in ls] if key == block else []
+        if block is not None:                           # the delta's block in place of the base's
+            if key == block:
+                out += [line for k, ls in delta if k and _under(k, block) for line in ls]
         elif key in mine and not _bare(mine[key]):
             out += mine[key]
         else:
