@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from progan import demo
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gp_resolution"
 CELEBA = REPO.parent / "shared" / "data" / "celeba-aligned-2k"
@@ -36,7 +38,7 @@ NETS = {"tiny": dict(latent_dim=16, fmap_base=64, fmap_max=16), "demo": dict(lat
 
 
 def params_for(seed: int, gp_resolution: str, kimg: float, nets: str = "tiny") -> dict:
-    p = yaml.safe_load((REPO / "workflow" / "params.demo.yaml").read_text())
+    p = yaml.safe_load(demo.template())
     p["seed"] = seed
     p["model"].update(NETS[nets])
     p["data"].update(source="folder", folder=str(CELEBA), max_images=None)

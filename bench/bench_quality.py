@@ -49,6 +49,8 @@ from pathlib import Path
 
 import yaml
 
+from progan import demo
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gp_resolution import progan  # noqa: E402  (one `progan <stage>` runner for the benches)
 
@@ -84,7 +86,7 @@ def growing_kimg(kimg: float) -> float:
 
 
 def params_for(variant: str, args, n_images: int = 100_000) -> dict:
-    p = yaml.safe_load((REPO / "workflow" / "params.demo.yaml").read_text())
+    p = yaml.safe_load(demo.template())
     p["seed"] = args.seed
     p["model"].update(NETS[args.nets])
     p["data"].update(source="folder", folder=str(Path(args.images).resolve()), max_images=None)

@@ -17,7 +17,9 @@ def default_params() -> dict:
 
 
 def demo_params() -> dict:
-    return yaml.safe_load((REPO / "workflow" / "params.demo.yaml").read_text())
+    from progan import demo
+
+    return yaml.safe_load(demo.template())
 
 
 def set_key(data: dict, dotted: str, value) -> dict:

@@ -8,7 +8,7 @@ import yaml
 from progan import demo, params as params_mod
 from progan.errors import ProganError
 
-from helpers import CELEBA_DIR, REPO
+from helpers import CELEBA_DIR
 
 
 def _stages(p):
@@ -18,7 +18,7 @@ def _stages(p):
 def test_the_two_minute_demo_params(tmp_path):
     path = demo.prepare(CELEBA_DIR, tmp_path / "demo")
     p = params_mod.load(path)
-    template = (REPO / "workflow" / "params.demo.yaml").read_text()
+    template = demo.template()
     assert path.read_text().replace(str(CELEBA_DIR.resolve()), "FOLDER") == template.replace(
         yaml.safe_load(template)["data"]["folder"], "FOLDER", 1)
     assert p.data.folder == str(CELEBA_DIR.resolve()) and p.crop.size == 32 and p.resolutions == [4, 8, 16, 32]
@@ -48,7 +48,7 @@ def test_minutes_stretches_every_phase_and_keeps_the_comments(tmp_path):
     assert {long.stage(r).lr for r in long.resolutions} == {demo.OFFICIAL_LR} != {base.stage(4).lr}
     short = params_mod.load(demo.prepare(CELEBA_DIR, tmp_path / "c", minutes=5))
     assert short.data.max_images == base.data.max_images and short.stage(32).lr == base.stage(32).lr
-    text, template = path.read_text(), (REPO / "workflow" / "params.demo.yaml").read_text()
+    text, template = path.read_text(), demo.template()
     total_kimg = sum(sum(v) for v in _stages(long).values())
     header = _header(text)
     assert _prose(header).startswith(f"STRETCHED by `progan demo --minutes 20`: every phase's kimg x{factor:.1f} "

@@ -98,7 +98,7 @@ def _stages(p):
 
 
 def _load(name):
-    return params_mod.load(presets.preset_path(name))
+    return presets.load(name)
 
 
 def test_every_tf_preset_is_the_official_schedule():
@@ -149,7 +149,7 @@ def test_the_default_params_yaml_is_the_v2_1gpu_celeba_preset_and_says_so():
 
 def test_every_value_of_every_preset_names_its_source():
     for name in presets.names():
-        lines = presets.preset_path(name).read_text().splitlines()
+        lines = presets.full_text(name).splitlines()
         assert lines[0].startswith(f"# preset {name}: ") and presets.description(name)
         for n, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#") or re.fullmatch(r"[a-z_]+:", line):
@@ -177,7 +177,7 @@ def test_init_writes_refuses_to_overwrite_and_forces(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert presets.main(["--preset", "celeba128-v2-8gpus"]) == 0
     text = (tmp_path / "params.yaml").read_text()
-    assert text == presets.preset_path("celeba128-v2-8gpus").read_text()
+    assert text == presets.full_text("celeba128-v2-8gpus")
     assert not (tmp_path / "dvc.yaml").exists()                    # not a project folder: no dvc.yaml
     assert presets.main(["--preset", "celeba128-v2-8gpus"]) == 0   # the same file again: fine
     assert "is already preset celeba128-v2-8gpus; nothing to write" in capsys.readouterr().err
@@ -196,7 +196,7 @@ def test_init_folder_and_url_change_only_the_data_lines(tmp_path, monkeypatch, c
     assert presets.main(["--preset", "paper-table1-celeba128", "--folder", "faces"]) == 0
     p = params_mod.load(tmp_path / "params.yaml")
     assert (p.data.source, p.data.folder) == ("folder", "faces")
-    base = presets.preset_path("paper-table1-celeba128").read_text().splitlines()
+    base = presets.full_text("paper-table1-celeba128").splitlines()
     changed = [(a, b) for a, b in zip(base, (tmp_path / "params.yaml").read_text().splitlines()) if a != b]
     assert [a.split(":")[0].strip() for a, _ in changed] == ["source", "folder"]
     assert all("#" in b for _, b in changed)                         # the comments are kept

@@ -160,16 +160,22 @@ def test_params_validate_start_px(tmp_path):
 
 
 def test_every_params_file_names_the_official_switch_of_each_key():
+    import yaml
     from helpers import REPO
 
-    files = [REPO / "params.yaml", REPO / "workflow/params.demo.yaml", *sorted((REPO / "workflow/presets").glob("*.yaml"))]
+    from progan import demo, presets
+
+    files = {"params.yaml": (REPO / "params.yaml").read_text(), "params.demo.yaml": demo.template(),
+             **{f"{name}.yaml": presets.full_text(name) for name in presets.names()}}
     official = {"start_px": "lod_initial_resolution", "pixel_norm": "use_pixelnorm", "equalized_lr": "use_wscale",
                 "leaky_relu": "use_leakyrelu", "ema_decay": "smoothing", "reset_opt_each_phase": "reset"}
-    for f in files:
-        lines = {line.split(":")[0].strip(): line for line in f.read_text().splitlines() if ":" in line}
+    for f, text in files.items():
+        lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ":" in line}
         for key, name in official.items():
-            assert name.lower() in lines[key].lower(), (f.name, key)
-        p = params_mod.load(f)
+            assert name.lower() in lines[key].lower(), (f, key)
+        data = yaml.safe_load(text)
+        params_mod.validate(data, f)
+        p = params_mod.Params(data, REPO / f)
         assert (p.start_px, p.model.pixel_norm, p.model.equalized_lr, p.model.leaky_relu) == (4, True, True, True), f
 
 

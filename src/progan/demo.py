@@ -1,7 +1,8 @@
 """`progan demo --folder DIR [--minutes N]`: the whole DAG to 32 px with small nets, offline, on the CPU.
 
-Writes `<workdir>/params.yaml` (workflow/params.demo.yaml with `data.folder` set to DIR) and runs
-`snakemake --cores all` there against the checkout's Snakefile. Re-running continues where it stopped.
+Writes `<workdir>/params.yaml` (the base preset with workflow/params.demo.yaml's differences put in, `data.folder` set
+to DIR) and runs `snakemake --cores all` there against the checkout's Snakefile. Re-running continues where it
+stopped.
 
 The demo's schedule is sized for about two minutes on a 2-core CPU, with the lr that bench/bench_quality.py found
 to learn fastest there over its 14 kimg (see params.demo.yaml's header). `--minutes N` stretches it: the kimg of
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from progan import params as params_mod
+from progan import params as params_mod, presets
 from progan.errors import ProganError
 from progan.fileio import write_text
 from progan.pipeline import repo_root
@@ -34,6 +35,11 @@ DEMO_MINUTES = 2.0          # what params.demo.yaml is sized for
 DEMO_FIXED_S = 50.0         # the demo's time outside training: snakemake start-up, crop, pyramid, evaluations, report
 LONG_MIN = 10.0             # from this many minutes on: every image of the folder, and the official lr
 OFFICIAL_LR = 0.001         # official config.py G_lrate / D_lrate (the demo's 0.003 was measured over 14 kimg only)
+
+
+def template() -> str:
+    """The demo's complete params text: workflow/params.demo.yaml, which holds what differs from the base preset."""
+    return presets.expand((repo_root() / "workflow" / "params.demo.yaml").read_text(), "workflow/params.demo.yaml")
 
 
 def stretch(template: str, minutes: float) -> str:
@@ -71,10 +77,8 @@ def prepare(folder: str | Path, workdir: str | Path, minutes: float | None = Non
         raise ProganError(f"--folder {folder}: not a folder of images")
     workdir = Path(workdir)
     target = workdir / "params.yaml"
-    template = (repo_root() / "workflow" / "params.demo.yaml").read_text()
-    if minutes is not None:
-        template = stretch(template, minutes)
-    text = re.sub(r"(?m)^(  folder:) [^#\n]*?(\s+#)", lambda m: f"{m.group(1)} {folder}{m.group(2)}", template)
+    text = template() if minutes is None else stretch(template(), minutes)
+    text = re.sub(r"(?m)^(  folder:) [^#\n]*?(\s+#)", lambda m: f"{m.group(1)} {folder}{m.group(2)}", text)
     if target.exists() and target.read_text() != text:
         raise ProganError(f"{target} exists with other settings; remove it or pick another --workdir")
     params_mod.validate(yaml.safe_load(text), str(target))   # before anything is written

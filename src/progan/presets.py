@@ -1,10 +1,21 @@
 """`progan init --preset NAME [--folder DIR | --url URL]`: write params.yaml from an official configuration.
 
-The presets are complete params files in workflow/presets/<name>.yaml, every value commented with the official file
-and line it comes from: the TF release's `config.py` presets (v1-1gpu, v2-1gpu, v2-2gpus, v2-4gpus, v2-8gpus) for
-CelebA 128 and for CelebA-HQ 1024, and the paper's Table 1 CelebA 128 config (Theano code). `--list` shows them.
+The presets live in workflow/presets/<name>.yaml, every value commented with the official file and line it comes
+from: the TF release's `config.py` presets (v1-1gpu, v2-1gpu, v2-2gpus, v2-4gpus, v2-8gpus) for CelebA 128 and for
+CelebA-HQ 1024, and the paper's Table 1 CelebA 128 config (Theano code). `--list` shows them.
 
-The file is copied as it is (comments kept); `--folder` / `--url` only change the data lines. An existing params.yaml
+One preset, BASE (the default params.yaml, of which the repository's params.yaml is a copy), is a complete file; every
+other preset, and the CPU demo's workflow/params.demo.yaml, holds only what differs from it: its own header (the
+leading comment lines), then the lines of the keys it changes, each with its own comment, nested under bare section
+lines (`train:`). `expand` writes the base with those lines put in place of the base's, so a key the delta does not
+write keeps the base's value and comment; a section line with a comment replaces the base's; a block in WHOLE
+(the schedule, one entry per resolution 4 .. crop.size) is replaced whole. Blank lines and comments below the header
+are notes for the reader and are not written out.
+Adding a key: the schema (schemas/params.schema.yaml), the base preset with its comment, params.yaml (the same line;
+tests/test_presets.py checks it is the base), and the code that reads it. A preset or the demo writes the key only
+where its value or source differs.
+
+The text is written as it is (comments kept); `--folder` / `--url` only change the data lines. An existing params.yaml
 with other contents is kept unless `--force`. dvc.yaml follows params.yaml (its stages list the resolutions 4 ..
 crop.size), so in a project folder (one with a dvc.yaml or the Snakefile) it is regenerated when it differs.
 """
@@ -24,6 +35,9 @@ from progan.errors import ProganError
 from progan.fileio import write_text
 
 HQ_PLACEHOLDER = "celebahq-1024"    # the data.folder the CelebA-HQ presets ship with (images cannot be downloaded)
+BASE = "celeba128-v2-1gpu"          # the complete preset the others are written against (the default params.yaml)
+WHOLE = ("train.stages",)           # blocks a preset replaces whole: a schedule has exactly the resolutions it trains
+_KEY_LINE = re.compile(r'( *)("[^"]+"|[A-Za-z_][A-Za-z0-9_]*):(\s.*|)')
 
 
 def presets_dir() -> Path:
@@ -50,6 +64,99 @@ def preset_path(name: str) -> Path:
     return path
 
 
+def _parse(text: str) -> tuple[list[str], list[tuple[str | None, list[str]]]]:
+    """(header, entries) of a params file laid out as ours are: the leading comment lines, then for each key line
+    (dotted key, [the line, the more-indented comment lines right below it that continue its comment]), and
+    (None, [line]) for a blank line or another comment."""
+    lines = text.splitlines()
+    n = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    entries: list[tuple[str | None, list[str]]] = []
+    path: list[tuple[int, str]] = []                    # (indent, key) of the key line and the sections around it
+    for line in lines[n:]:
+        m = _KEY_LINE.fullmatch(line)
+        indent = len(line) - len(line.lstrip())
+        if m:
+            while path and path[-1][0] >= indent:
+                path.pop()
+            path.append((indent, m.group(2).strip('"')))
+            entries.append((".".join(key for _, key in path), [line]))
+        elif line.lstrip().startswith("#") and entries and entries[-1][0] and indent > path[-1][0]:
+            entries[-1][1].append(line)
+        else:
+            entries.append((None, [line]))
+    return lines[:n], entries
+
+
+def _under(key: str, block: str) -> bool:
+    return key == block or key.startswith(block + ".")
+
+
+def _bare(lines: list[str]) -> bool:
+    """A section line with neither value nor comment (`train:`): it only nests the keys below it."""
+    return len(lines) == 1 and _KEY_LINE.fullmatch(lines[0]).group(3).strip() == ""
+
+
+def _merged(base: dict, delta: dict, prefix: str = "") -> dict:
+    """The values: `base` with `delta`'s put in, WHOLE blocks replaced."""
+    out = dict(base)
+    for key, value in delta.items():
+        dotted = f"{prefix}{key}"
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict) and dotted not in WHOLE
+        out[key] = _merged(base[key], value, dotted + ".") if nested else value
+    return out
+
+
+def expand(delta_text: str, where: str) -> str:
+    """The complete params text of a preset written as what differs from BASE (the module docstring says how)."""
+    base_text = (presets_dir() / f"{BASE}.yaml").read_text(encoding="utf-8")
+    base_header, base = _parse(base_text)
+    header, delta = _parse(delta_text)
+    known = {key for key, _ in base if key}
+    mine: dict[str, list[str]] = {}
+    for key, lines in delta:
+        if key is None:
+            continue
+        if key in mine:
+            raise ProganError(f"{where}: {key} is written twice")
+        if key not in known and not any(_under(key, block) for block in WHOLE):
+            raise ProganError(f"{where}: {key} is not in the base preset workflow/presets/{BASE}.yaml; a preset "
+                              f"writes only what differs from the base, so add the key there first")
+        mine[key] = lines
+    out = list(header or base_header)
+    for key, lines in base:
+        block = next((b for b in WHOLE if key and _under(key, b) and b in mine), None)
+        if block is not None:                           # the delta's block in place of the base's
+            if key == block:
+                out += [line for k, ls in delta if k and _under(k, block) for line in ls]
+        elif key in mine and not _bare(mine[key]):
+            out += mine[key]
+        else:
+            out += lines
+    text = "\n".join(out) + "\n"
+    try:
+        same = yaml.safe_load(text) == _merged(yaml.safe_load(base_text), yaml.safe_load(delta_text) or {})
+    except yaml.YAMLError:
+        same = False
+    if not same:
+        raise ProganError(f"{where}: does not expand to the base with its values put in: write each key on a line "
+                          f"of its own, nested as in workflow/presets/{BASE}.yaml")
+    return text
+
+
+def full_text(name: str) -> str:
+    """The complete params.yaml text of preset `name`, comments kept."""
+    path = preset_path(name)
+    text = path.read_text(encoding="utf-8")
+    return text if name == BASE else expand(text, f"workflow/presets/{path.name}")
+
+
+def load(name: str) -> params_mod.Params:
+    """Preset `name` as validated params (its data lines as shipped)."""
+    data = yaml.safe_load(full_text(name))
+    params_mod.validate(data, f"preset {name}")
+    return params_mod.Params(data, preset_path(name))
+
+
 def _set_data_line(text: str, key: str, value) -> str:
     """Replace the value of `  key:` in the data section, keeping its comment."""
     start = text.index("\ndata:\n") + len("\ndata:\n")
@@ -67,7 +174,7 @@ def _set_data_line(text: str, key: str, value) -> str:
 
 def render(name: str, folder: str | None = None, url: str | None = None, out_dir: Path | None = None) -> str:
     """The params.yaml text of preset `name` with the data source changed, validated."""
-    text = preset_path(name).read_text(encoding="utf-8")
+    text = full_text(name)
     data = yaml.safe_load(text)["data"]
     out_dir = Path(out_dir or Path.cwd()).absolute()
     if folder is not None:
@@ -118,8 +225,8 @@ def write(name: str, target: Path, folder: str | None = None, url: str | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="progan init", description=__doc__.split("\n")[0].split(": ", 1)[1],
-        epilog="Presets live in workflow/presets/; each is a complete params file whose comments cite the official "
-               "code. Example: progan init --preset celeba128-v2-8gpus")
+        epilog=f"Presets live in workflow/presets/: {BASE} complete, the others as what differs from it; their "
+               "comments cite the official code. Example: progan init --preset celeba128-v2-8gpus")
     parser.add_argument("--preset", metavar="NAME", help="the preset to write (see --list)")
     parser.add_argument("--list", action="store_true", help="list the presets, one line each")
     source = parser.add_mutually_exclusive_group()
