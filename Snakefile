@@ -1,4 +1,4 @@
-# progan-pipeline, Snakemake front end. The DAG itself is described once, in src/progan/pipeline.py (STAGES);
+# progan-pipeline, Snakemake front end. The DAG itself is described once, in src/progan/pipeline/ (STAGES);
 # workflow/rules/stages.smk makes one rule per stage from it (dvc.yaml is generated from the same table).
 #   snakemake --cores all --resources gpu=8
 import os

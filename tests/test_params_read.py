@@ -75,7 +75,8 @@ def _run(params_path, name: str, res: int | None = None) -> set[str]:
 
 def _check(name: str, declared: set[str], reads: set[str]) -> None:
     exempt = {**NOT_OUTPUTS["*"], **NOT_OUTPUTS.get(name, {})}
-    assert "" not in reads or pipeline.ALL_PARAMS in declared, f"{name}: reads all of params.yaml (to_dict / digest)"
+    assert "" not in reads or pipeline.WHOLE_PARAMS_YAML in declared, \
+        f"{name}: reads all of params.yaml (to_dict / digest)"
     undeclared = sorted(k for k in reads if k not in exempt and not _covered(k, declared))
     assert not undeclared, f"{name}: reads {undeclared} but does not declare them (pipeline.STAGES)"
     unread = sorted(k for k in declared if k not in DECLARED_NOT_READ.get(name, {}) and not _covered(k, reads))

@@ -20,7 +20,7 @@ from progan.errors import ProganError
 # Tools that read params.yaml but are not stages: name -> (module, help).
 TOOLS = {
     "track-start": ("progan.tracking", "create the MLflow store, experiment and parent run before jobs start"),
-    "dvc-yaml": ("progan.pipeline", "regenerate dvc.yaml from the stage table (pipeline.py) and params.yaml"),
+    "dvc-yaml": ("progan.pipeline.dvcfile", "regenerate dvc.yaml from the stage table (pipeline/) and params.yaml"),
 }
 # Commands that do not read params.yaml: name -> (module, function taking argv, help).
 STANDALONE = {

@@ -1,7 +1,7 @@
 """Where each stage reads and writes, relative to the project root (the folder of params.yaml).
 
 The CLI changes into that folder before running a stage, so stage code uses these relative paths
-directly. pipeline.py builds the Snakemake rules and dvc.yaml from the same names.
+directly. progan.pipeline builds the Snakemake rules and dvc.yaml from the same names.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 # Helpers shared by the rules: params (validated before any work), the rules' parts from the stage table
-# (src/progan/pipeline.py), GPU counts, MLflow.
+# (src/progan/pipeline/), GPU counts, MLflow.
 import functools
 import json
 import os

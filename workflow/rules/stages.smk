@@ -1,4 +1,4 @@
-# One rule per stage of the stage table (src/progan/pipeline.py STAGES): its inputs (data and the source files it
+# One rule per stage of the stage table (src/progan/pipeline/ STAGES): its inputs (data and the source files it
 # runs), outputs, params values, `gpu` resource and command all come from there. Rules are made in a function, one
 # call per stage, so that each rule's shell and input functions see their own stage (a loop variable would not be).
 
