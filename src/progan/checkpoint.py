@@ -10,6 +10,7 @@ read back and checked.
          "rng" (one per rank), "sampler", "rows" (loss rows so far), "seconds", "params" (all of params.yaml)}
     G.pt (`progan export`)           "progan-generator": G_ema alone
         {"format", "version", "res_px", "model", "G_ema", "alpha"}
+    X.pt (`progan import X.pkl`)     "progan-checkpoint" of the official networks: opt_G / opt_D None, "imported"
 
 Writing: `save` (atomic, and byte-stable: the same dict gives the same bytes). Reading: `read` is the one reader;
 every file loads with torch.load(weights_only=True), and every problem is one ProganError line naming the file and
@@ -84,6 +85,16 @@ def generator_export(G: Generator, alpha: float) -> dict:
     """The `progan export` dict: G_ema alone (no D, no optimizer state)."""
     return {"format": GENERATOR, "version": VERSION, "res_px": G.res_px, "model": dataclasses.asdict(G.cfg),
             "G_ema": {k: v.detach().clone() for k, v in G.state_dict().items()}, "alpha": alpha}
+
+
+def imported_checkpoint(*, res_px: int, cfg: ModelConfig, G: dict, D: dict, G_ema: dict, alpha: float,
+                        source: dict) -> dict:
+    """A "progan-checkpoint" of networks made elsewhere (`progan import`, progan/official.py): G, D and G_ema with
+    no optimizer state (opt_G / opt_D None), no images counted (cur_nimg 0, total_kimg 0: the pickle does not say),
+    no RNG state, and `imported` saying where they came from (file name, sha256, lod, static_kwargs)."""
+    return {"format": CHECKPOINT, "version": VERSION, "res_px": res_px, "model": dataclasses.asdict(cfg),
+            "G": G, "D": D, "G_ema": G_ema, "opt_G": None, "opt_D": None, "cur_nimg": 0, "total_kimg": 0.0,
+            "alpha": alpha, "rng": None, "params": {}, "prev_checkpoint_sha256": None, "imported": source}
 
 
 # ---- reading ------------------------------------------------------------------------------------------------

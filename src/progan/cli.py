@@ -29,6 +29,7 @@ STANDALONE = {
     "generate": ("progan.generate", "generate_main", "PNG samples from a checkpoint's G_ema"),
     "interpolate": ("progan.generate", "interpolate_main", "a GIF walking the latent sphere between seeds"),
     "export": ("progan.generate", "export_main", "G_ema alone, small, loadable by progan.load_generator"),
+    "import": ("progan.official", "import_main", "an official ProGAN network pickle (G, D, Gs) as a progan checkpoint"),
 }
 
 
