@@ -108,11 +108,10 @@ def official_variables(kind: str, kwargs: dict, seed: int, lod: float = 0.0, bia
             out.append((name, np.array(value, dtype=np.float32)))
             continue
         if gain is None:
-            value = rng.normal(0.0, bias_std, shape)
+            std = bias_std
         else:
             std = 1.0 if kw["use_wscale"] else gain / np.sqrt(_fan_in(name, shape))    # L25-29
-            value = rng.normal(0.0, std, shape)
-        out.append((name, value.astype(np.float32)))
+        out.append((name, rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
     return out
 
 

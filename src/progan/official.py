@@ -123,8 +123,12 @@ def read_networks(path: str | Path) -> tuple[dict, dict, dict]:
     if not (isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(n, _NetworkState) for n in obj)):
         got = type(obj).__name__ + (f" of {len(obj)}" if isinstance(obj, tuple) else "")
         raise ProganError(f"{path}: not an official network pickle: it holds a {got}, not (G, D, Gs) tfutil.Networks")
-    states = tuple(_check_state(path, who, n.state) for who, n in zip(("G", "D", "Gs"), obj))
-    return states
+    return checked(path, *(n.state for n in obj))
+
+
+def checked(path, G, D, Gs) -> tuple[dict, dict, dict]:
+    """The three Network states checked (`_check_state`), their variables as {name: array}."""
+    return tuple(_check_state(Path(path), who, s) for who, s in zip(("G", "D", "Gs"), (G, D, Gs)))
 
 
 def _check_state(path: Path, who: str, state) -> dict:
@@ -137,10 +141,10 @@ def _check_state(path: Path, who: str, state) -> dict:
         raise ProganError(f"{path}: {who} was built by {state.get('build_func_name')!r}, not networks.{want}; only "
                           f"the paper's networks can be imported")
     kwargs, variables = state.get("static_kwargs"), state.get("variables")
-    if not isinstance(kwargs, dict) or not isinstance(variables, list):
+    if not isinstance(kwargs, dict) or not isinstance(variables, (list, dict)):
         raise ProganError(f"{path}: {who} lacks static_kwargs or variables; not an official network pickle")
     out = {}
-    for item in variables:
+    for item in (variables.items() if isinstance(variables, dict) else variables):     # dict: checked already
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise ProganError(f"{path}: {who}'s variables must be (name, array) pairs; not an official network pickle")
         name, value = item
@@ -198,6 +202,7 @@ def model_config(path: str | Path, G: dict, D: dict, Gs: dict) -> Official:
     """Our ModelConfig, resolution and alpha for the official networks' static_kwargs and lod (one line on what
     cannot be represented)."""
     path = Path(path)
+    G, D, Gs = checked(path, G, D, Gs)
     g = _settings(path, "G", G["static_kwargs"], G_DEFAULTS)
     d = _settings(path, "D", D["static_kwargs"], D_DEFAULTS)
     if {**g, "structure": None} != {**_settings(path, "Gs", Gs["static_kwargs"], G_DEFAULTS), "structure": None}:
@@ -316,6 +321,7 @@ def _unknown_variables(path: Path, who: str, variables: dict, names: set[str]) -
 def convert(path: str | Path, G: dict, D: dict, Gs: dict) -> tuple[Official, dict, dict, dict]:
     """(settings, G, D, G_ema state dicts) of the official networks."""
     path = Path(path)
+    G, D, Gs = checked(path, G, D, Gs)
     off = model_config(path, G, D, Gs)
     R = off.resolution.bit_length() - 1
     g_all, d_all = _g_map(R, off.resolution, off.g_fused), _d_map(R, off.resolution, off.cfg.fused_scale)
@@ -354,7 +360,7 @@ def import_pickle(pkl: str | Path, out: str | Path | None = None) -> dict:
              pkl, off.resolution, off.lod, out, off.res_px, off.alpha,
              " ".join(f"{k}={v}" for k, v in dataclasses.asdict(off.cfg).items()), n_g / 1e6, n_d / 1e6)
     return {"out": str(out), "res_px": off.res_px, "alpha": off.alpha, "lod": off.lod, "sha256": digest,
-            "model": dataclasses.asdict(off.cfg)}
+            "model": dataclasses.asdict(off.cfg), "ignored": list(off.ignored)}
 
 
 def import_main(argv: list[str] | None = None) -> int:
