@@ -19,7 +19,6 @@ import official_progan as O
 from helpers import celeba_faces, tiny_params
 from test_train import one_thread
 from progan import api, checkpoint, cli, official
-from progan import params as params_mod
 from progan.errors import ProganError
 from progan.model import Discriminator, Generator, ModelConfig
 from progan.model.layers import downsample2x, upsample2x
@@ -152,10 +151,9 @@ def test_the_table1_preset_d_applies_bias_and_lrelu_before_pooling_as_the_theano
     the official construction."""
     import dataclasses
 
-    from helpers import REPO
+    from progan import presets
 
-    p = params_mod.load(REPO / "workflow/presets/paper-table1-celeba128.yaml")
-    preset = ModelConfig.from_params(p)
+    preset = ModelConfig.from_params(presets.load("paper-table1-celeba128"))
     assert preset.fused_scale is False and preset.mbstd_group_size == 16
     cfg = dataclasses.replace(preset, latent_dim=16, fmap_base=64, fmap_max=16)
     torch.manual_seed(0)

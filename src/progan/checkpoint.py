@@ -186,6 +186,33 @@ def check_grows_from(path: str | Path, ckpt: dict, cfg: ModelConfig, params) -> 
                           f"--res {params.start_px}`, or restore {k}")
 
 
+INIT_KEYS = ("res_px", "model", "G", "D", "G_ema")
+
+
+def load_init(path: str | Path, res_px: int, cfg: ModelConfig) -> dict:
+    """The checkpoint `train.init_from` names (`progan import` of an official network, or a stage's), checked: it
+    holds G, D and G_ema at `res_px` (train.start_px) made with the model settings `cfg` (params.yaml's model.*);
+    anything else is one line naming the file, the first key that differs and what to do."""
+    path = Path(path)
+    fix = "point train.init_from at a checkpoint written by `progan import` or by a train stage"
+    if not path.is_file():
+        raise ProganError(f"train.init_from {path}: no such file; {fix}")
+    obj = read(path, (CHECKPOINT,), INIT_KEYS, what="checkpoint (train.init_from)", fix=fix)
+    if obj["res_px"] != res_px:
+        raise ProganError(f"train.init_from {path}: holds {obj['res_px']} px networks, and training starts at "
+                          f"train.start_px {res_px}; set train.start_px: {obj['res_px']} (the first stage starts from "
+                          f"the file at its resolution)")
+    have, want = dataclasses.asdict(model_config(path, obj["model"])), dataclasses.asdict(cfg)
+    changed = [k for k in want if have[k] != want[k]]
+    if changed:
+        k = changed[0]
+        more = f" (and {', '.join(f'model.{c}' for c in changed[1:])})" if len(changed) > 1 else ""
+        raise ProganError(f"train.init_from {path}: made with model.{k} {_yaml(have[k])}, params.yaml has "
+                          f"{_yaml(want[k])}{more}; fine-tuning keeps the file's networks: set model.{k}: "
+                          f"{_yaml(have[k])} in params.yaml")
+    return obj
+
+
 def _yaml(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
