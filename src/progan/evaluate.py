@@ -109,8 +109,9 @@ def latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, device, res: int, spill_dir: str,
              sink=None, sink_count: int = 0, alpha: float = 1.0):
-    """Run G (at fade-in weight `alpha`) on every latent; keep the first `num_keep` images, score pairs (2k, 2k+1), k < num_pairs, and hand
-    the first `sink_count` images, batch by batch, to `sink(uint8 [B, R, R, 3])` (the Inception features).
+    """Run G (at fade-in weight `alpha`) on every latent; keep the first `num_keep` images, score pairs (2k, 2k+1),
+    k < num_pairs, and hand the first `sink_count` images, batch by batch, to `sink(uint8 [B, R, R, 3])` (the
+    Inception features).
 
     Returns (uint8 images [num_keep, R, R, 3], mean MS-SSIM of the pairs or None).
     """
@@ -306,7 +307,8 @@ RES_FROM_CHECKPOINT = True      # cli.py: --res may be left out when --checkpoin
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", help="evaluate this checkpoint instead of a stage's (an "
                         "imported official network, an export, ...) against the pyramid level of its resolution; "
-                        "not a DAG stage: writes --out, no MLflow run")
+                        "not a DAG stage: writes --out, no MLflow run; a relative path is taken from the project "
+                        "root (the folder of --params)")
     parser.add_argument("--out", metavar="FILE.json", help="with --checkpoint: where to write (default: the "
                         "checkpoint's path with .eval.json)")
 

@@ -116,7 +116,7 @@ def read_networks(path: str | Path) -> tuple[dict, dict, dict]:
         raise ProganError(f"{path}: refused: the pickle asks for {what}, which an official network pickle does not "
                           f"hold (only tfutil.Network and numpy arrays of numbers){hint}; {NOT_RUN}") from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, UnicodeDecodeError, OverflowError) as e:
+            MemoryError, UnicodeDecodeError, OverflowError, RecursionError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         kind = "truncated" if isinstance(e, EOFError) or "truncated" in reason else "not an official network pickle"
         raise ProganError(f"{path}: {kind} ({type(e).__name__}: {reason}); download it again, {NOT_RUN}") from None
@@ -229,7 +229,8 @@ def model_config(path: str | Path, G: dict, D: dict, Gs: dict) -> Official:
         raise ProganError(f"{path}: lod {lod:g} is outside [0, {int(math.log2(top)) - 2}] for a {top} px network")
     k = int(math.floor(lod))
     known = set(G_DEFAULTS) | set(D_DEFAULTS)
-    ignored = tuple(sorted({f"{w}.{k}" for w, kw in (("G", G), ("D", D)) for k in kw["static_kwargs"] if k not in known}))
+    ignored = tuple(sorted({f"{who}.{key}" for who, net in (("G", G), ("D", D))
+                            for key in net["static_kwargs"] if key not in known}))
     return Official(cfg, top, top >> k, 1.0 - (lod - k), lod, bool(g["fused_scale"]), ignored)
 
 
