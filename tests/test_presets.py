@@ -138,6 +138,9 @@ def test_the_table1_preset_is_the_theano_section_6_1_config():
     assert {p.stage(r).batch for r in p.resolutions} == {p.model.mbstd_group_size} == {16}
     assert p.crop.detector == "celeba-box" and p.crop.size == 128 and p.data.source == "celeba"
     assert p.train.gpus == 1 and p.train.mirror_augment and p.train.gp_resolution == "dataset"
+    # D applies bias and leaky ReLU BEFORE the 2x2 pooling, as the Theano network.py D_paper (WScaleLayer, then
+    # Downscale2DLayer): model.fused_scale false; tests/test_official.py checks D against that order op by op
+    assert p.model.fused_scale is False
 
 
 def test_the_default_params_yaml_is_the_v2_1gpu_celeba_preset_and_says_so():

@@ -10,6 +10,7 @@ read back and checked.
          "rng" (one per rank), "sampler", "rows" (loss rows so far), "seconds", "params" (all of params.yaml)}
     G.pt (`progan export`)           "progan-generator": G_ema alone
         {"format", "version", "res_px", "model", "G_ema", "alpha"}
+    X.pt (`progan import X.pkl`)     "progan-checkpoint" of the official networks: opt_G / opt_D None, "imported"
 
 Writing: `save` (atomic, and byte-stable: the same dict gives the same bytes). Reading: `read` is the one reader;
 every file loads with torch.load(weights_only=True), and every problem is one ProganError line naming the file and
@@ -84,6 +85,16 @@ def generator_export(G: Generator, alpha: float) -> dict:
     """The `progan export` dict: G_ema alone (no D, no optimizer state)."""
     return {"format": GENERATOR, "version": VERSION, "res_px": G.res_px, "model": dataclasses.asdict(G.cfg),
             "G_ema": {k: v.detach().clone() for k, v in G.state_dict().items()}, "alpha": alpha}
+
+
+def imported_checkpoint(*, res_px: int, cfg: ModelConfig, G: dict, D: dict, G_ema: dict, alpha: float,
+                        source: dict) -> dict:
+    """A "progan-checkpoint" of networks made elsewhere (`progan import`, progan/official.py): G, D and G_ema with
+    no optimizer state (opt_G / opt_D None), no images counted (cur_nimg 0, total_kimg 0: the pickle does not say),
+    no RNG state, and `imported` saying where they came from (file name, sha256, lod, static_kwargs)."""
+    return {"format": CHECKPOINT, "version": VERSION, "res_px": res_px, "model": dataclasses.asdict(cfg),
+            "G": G, "D": D, "G_ema": G_ema, "opt_G": None, "opt_D": None, "cur_nimg": 0, "total_kimg": 0.0,
+            "alpha": alpha, "rng": None, "params": {}, "prev_checkpoint_sha256": None, "imported": source}
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -173,6 +184,33 @@ def check_grows_from(path: str | Path, ckpt: dict, cfg: ModelConfig, params) -> 
         raise ProganError(f"{path}: made with {k} {_yaml(have.get(k))}, params.yaml has {_yaml(want[k])}{more}; a stage "
                           f"grows only from one trained with the same settings: re-run every stage from `progan train "
                           f"--res {params.start_px}`, or restore {k}")
+
+
+INIT_KEYS = ("res_px", "model", "G", "D", "G_ema")
+
+
+def load_init(path: str | Path, res_px: int, cfg: ModelConfig) -> dict:
+    """The checkpoint `train.init_from` names (`progan import` of an official network, or a stage's), checked: it
+    holds G, D and G_ema at `res_px` (train.start_px) made with the model settings `cfg` (params.yaml's model.*);
+    anything else is one line naming the file, the first key that differs and what to do."""
+    path = Path(path)
+    fix = "point train.init_from at a checkpoint written by `progan import` or by a train stage"
+    if not path.is_file():
+        raise ProganError(f"train.init_from {path}: no such file; {fix}")
+    obj = read(path, (CHECKPOINT,), INIT_KEYS, what="checkpoint (train.init_from)", fix=fix)
+    if obj["res_px"] != res_px:
+        raise ProganError(f"train.init_from {path}: holds {obj['res_px']} px networks, and training starts at "
+                          f"train.start_px {res_px}; set train.start_px: {obj['res_px']} (the first stage starts from "
+                          f"the file at its resolution)")
+    have, want = dataclasses.asdict(model_config(path, obj["model"])), dataclasses.asdict(cfg)
+    changed = [k for k in want if have[k] != want[k]]
+    if changed:
+        k = changed[0]
+        more = f" (and {', '.join(f'model.{c}' for c in changed[1:])})" if len(changed) > 1 else ""
+        raise ProganError(f"train.init_from {path}: made with model.{k} {_yaml(have[k])}, params.yaml has "
+                          f"{_yaml(want[k])}{more}; fine-tuning keeps the file's networks: set model.{k}: "
+                          f"{_yaml(have[k])} in params.yaml")
+    return obj
 
 
 def _yaml(value) -> str:

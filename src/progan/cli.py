@@ -29,6 +29,7 @@ STANDALONE = {
     "generate": ("progan.generate", "generate_main", "PNG samples from a checkpoint's G_ema"),
     "interpolate": ("progan.generate", "interpolate_main", "a GIF walking the latent sphere between seeds"),
     "export": ("progan.generate", "export_main", "G_ema alone, small, loadable by progan.load_generator"),
+    "import": ("progan.official", "import_main", "an official ProGAN network pickle (G, D, Gs) as a progan checkpoint"),
 }
 
 
@@ -44,10 +45,11 @@ def _parser(selected: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", metavar="PATH",
                        help="params file (default: ./params.yaml); its folder is the project root")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        if name in pipeline.STAGES and pipeline.STAGES[name].per_res:
-            p.add_argument("--res", type=int, required=True, metavar="PX", help="stage resolution in px (4, 8, ...)")
-        p.set_defaults(_module=module)
         mod = _import_quiet(module) if name == selected else None
+        if name in pipeline.STAGES and pipeline.STAGES[name].per_res:     # a module may take it from elsewhere
+            p.add_argument("--res", type=int, required=not getattr(mod, "RES_FROM_CHECKPOINT", False), metavar="PX",
+                           help="stage resolution in px (4, 8, ...)")
+        p.set_defaults(_module=module)
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(p)
     return parser

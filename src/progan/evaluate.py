@@ -24,6 +24,9 @@ Paper §5 / official `metrics/` (tkarras/progressive_growing_of_gans):
   Only at R >= evaluate.fid.min_res_px; without the Inception weights (offline, no file) one line is logged,
   the other metrics are still written and these keys are absent; `notes` in eval.json says why.
 eval.json records the level it was computed against (`reals_sha256`, from data/pyramid/pyramid.json, a dep).
+`progan evaluate --checkpoint FILE` (not a DAG stage): the same metrics of any checkpoint our tools read (an imported
+official network, `progan import`; an export; a stage's) against the pyramid level of its resolution, written to
+`--out` (default FILE with .eval.json), with no MLflow run; the fakes are G_ema at the alpha the file holds.
 At 4 and 8 px the SWD has one level (see metrics/swd.py) and MS-SSIM fewer scales (metrics/msssim.py).
 """
 from __future__ import annotations
@@ -105,9 +108,10 @@ def latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, device, res: int, spill_dir: str,
-             sink=None, sink_count: int = 0):
-    """Run G on every latent; keep the first `num_keep` images, score pairs (2k, 2k+1), k < num_pairs, and hand
-    the first `sink_count` images, batch by batch, to `sink(uint8 [B, R, R, 3])` (the Inception features).
+             sink=None, sink_count: int = 0, alpha: float = 1.0):
+    """Run G (at fade-in weight `alpha`) on every latent; keep the first `num_keep` images, score pairs (2k, 2k+1),
+    k < num_pairs, and hand the first `sink_count` images, batch by batch, to `sink(uint8 [B, R, R, 3])` (the
+    Inception features).
 
     Returns (uint8 images [num_keep, R, R, 3], mean MS-SSIM of the pairs or None).
     """
@@ -118,7 +122,7 @@ def generate(G, z: torch.Tensor, num_keep: int, num_pairs: int, batch: int, devi
     with progress(total=len(z), desc=desc, unit="img") as bar:   # closed on errors too
         for start in range(0, len(z), batch):
             stop = min(start + batch, len(z))
-            images = to_uint8(G(z[start:stop].to(device)))                         # [B, R, R, 3]
+            images = to_uint8(G(z[start:stop].to(device), alpha))                  # [B, R, R, 3]
             if start < num_keep:
                 keep[start:min(stop, num_keep)] = images[:num_keep - start]
             pairs_end = min(stop, 2 * num_pairs) - start
@@ -210,13 +214,15 @@ def _inception_sink(net, into: fid_mod.FeatureSet, settings, device, res: int):
     return sink
 
 
-def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
-    """Compute every selected metric of stage `res`; returns the eval.json dict (not written)."""
+def evaluate(params, res: int, inputs: tuple | None = None, spill_dir: str | None = None) -> dict:
+    """Compute every selected metric of stage `res`; returns the eval.json dict (not written). `spill_dir`: where
+    generated images too big for memory go (default results/<res>/)."""
     t0 = time.time()
     ev = params.evaluate
     device = swd_mod.default_device()
     reals, trained = inputs if inputs is not None else load_inputs(params, res, device)
     G, total_kimg = trained.G, trained.total_kimg
+    spill_dir = spill_dir or paths.stage_dir(res)
     selected = list(ev.metrics)
     n = min(int(ev.num_images), len(reals))
     if n < int(ev.num_images) and "swd" in selected:
@@ -242,15 +248,15 @@ def evaluate(params, res: int, inputs: tuple | None = None) -> dict:
     sink = _inception_sink(net, fake_features, settings, device, res) if wanted else None
     n_swd = n if "swd" in selected else 0
     z = latents(seed, max(n_swd, 2 * num_pairs, n_inception, 1), G.cfg.latent_dim)
-    fakes, msssim_fake = generate(G, z, n_swd, num_pairs, batch, device, res, paths.stage_dir(res), sink=sink,
-                                  sink_count=n_inception)
+    fakes, msssim_fake = generate(G, z, n_swd, num_pairs, batch, device, res, spill_dir, sink=sink,
+                                  sink_count=n_inception, alpha=trained.alpha)
     del G, trained, net
 
     mirrored = bool(params.train.mirror_augment) and any(m in selected for m in MIRRORED_METRICS)
     flip = mirror_mask(seed, len(reals)) if mirrored else None
     perm = np.random.default_rng(seed).permutation(len(reals))                       # random reals, fixed by seed
     ctx = EvalContext(res=res, ev=ev, device=device, reals=_Mirrored(reals, flip) if mirrored else reals, perm=perm,
-                      n=n, fakes=fakes, msssim_fake=msssim_fake, spill_dir=paths.stage_dir(res), inception=settings,
+                      n=n, fakes=fakes, msssim_fake=msssim_fake, spill_dir=spill_dir, inception=settings,
                       fake_features=fake_features, real_stats=real_stats)
     values = {name: METRICS[name].fn(ctx) for name in selected if not METRICS[name].inception or name in wanted}
     ctx.fakes = fakes = None
@@ -295,8 +301,52 @@ def _mlflow_metrics(result: dict) -> dict[str, float]:
     return metrics
 
 
-def run(params, res: int, lease=None) -> dict:
-    """`progan evaluate --res R`. `lease` (gpus.Lease from the CLI) has already set CUDA_VISIBLE_DEVICES."""
+RES_FROM_CHECKPOINT = True      # cli.py: --res may be left out when --checkpoint gives the resolution
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", metavar="FILE", help="evaluate this checkpoint instead of a stage's (an "
+                        "imported official network, an export, ...) against the pyramid level of its resolution; "
+                        "not a DAG stage: writes --out, no MLflow run; a relative path is taken from the project "
+                        "root (the folder of --params)")
+    parser.add_argument("--out", metavar="FILE.json", help="with --checkpoint: where to write (default: the "
+                        "checkpoint's path with .eval.json)")
+
+
+def run_checkpoint(params, checkpoint_path: str, out: str | None = None, res: int | None = None) -> dict:
+    """`progan evaluate --checkpoint FILE`: the metrics of evaluate.metrics for G_ema of FILE (at its alpha) against
+    data/pyramid/<its resolution>.npy; written to `out` (default FILE with .eval.json) and returned."""
+    from progan import checkpoint
+
+    path = Path(checkpoint_path).absolute()
+    device = swd_mod.default_device()
+    trained = checkpoint.load_generator(path, device)
+    got = trained.G.res_px
+    if res is not None and int(res) != got:
+        raise ProganError(f"--res {res}: {path} holds a {got} px generator; leave --res out with --checkpoint")
+    if got not in params.levels:
+        raise ProganError(f"{path}: a {got} px generator, but params.yaml's pyramid (crop.size {params.crop.size}) has "
+                          f"levels {', '.join(map(str, params.levels))}; set crop.size: {got} or more and run "
+                          f"`progan pyramid`")
+    out_path = Path(out) if out else path.with_suffix(".eval.json")
+    result = evaluate(params, got, (_open_reals(got), trained), spill_dir=str(out_path.parent))
+    result.update(checkpoint=str(path), checkpoint_sha256=sha256_file(path), alpha=trained.alpha)
+    write_json(out_path, result)
+    log.info("evaluate %s (%d px, alpha %g): %s -> %s", path, got, trained.alpha,
+             " ".join(f"{k}={v:.4g}" for k, v in headline.evaluation(result).items()
+                      if isinstance(v, (int, float))), out_path)
+    return result
+
+
+def run(params, res: int | None = None, lease=None, checkpoint: str | None = None, out: str | None = None) -> dict:
+    """`progan evaluate --res R` (or `--checkpoint FILE`: run_checkpoint). `lease` (gpus.Lease from the CLI) has
+    already set CUDA_VISIBLE_DEVICES."""
+    if checkpoint is not None:
+        return run_checkpoint(params, checkpoint, out, res)
+    if out is not None:
+        raise ProganError("--out goes with --checkpoint; a stage writes results/<res>/eval.json")
+    if res is None:
+        raise ProganError("--res R (a stage's checkpoint) or --checkpoint FILE is needed")
     res = int(res)
     if res not in params.resolutions:
         raise ProganError(f"--res {res}: not a training resolution; crop.size {params.crop.size} gives "

@@ -189,14 +189,20 @@ class UpConv2d(EqualizedConv2d):
     four shifted copies are summed into a 4x4 kernel, applied with conv_transpose stride 2. That costs 4/9 of the
     FLOPs of upsample + conv and is the same linear map. Deviation: we build the 4x4 kernel from the spatially
     flipped weight, so the result equals `conv3x3(upsample2x(x))` with THIS weight exactly up to float rounding
-    (the official code does not flip; with N(0,1)-initialised learned weights that is only a relabelling).
-    The kernel is one GEMM (`_fused_kernel`).
+    (the official code does not flip; with N(0,1)-initialised learned weights that is only a relabelling; an
+    imported official `Conv0_up` kernel, stored [k, k, out, in], is flipped on import: progan/official.py).
+    The kernel is one GEMM (`_fused_kernel`). `fused=False` is the official `fused_scale=False` (networks.py
+    L193-196): `upscale2d`, then a plain 3x3 conv with the same weight (`Conv0`), the same function at 9/4 the FLOPs.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2, equalized: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2, equalized: bool = True,
+                 fused: bool = True):
         super().__init__(in_channels, out_channels, 3, gain, equalized)
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.fused:
+            return super().forward(upsample2x(x))                     # [N, out, 2H, 2W]
         w = self.weight.transpose(0, 1)                              # [in, out, 3, 3] (conv_transpose layout)
         w = _fused_kernel(w, self.scale, flip=True)                  # [in, out, 4, 4], flipped and scaled
         return F.conv_transpose2d(x, w, self.bias, stride=2, padding=1)
@@ -208,7 +214,8 @@ class ConvDown2d(EqualizedConv2d):
     Official `D_paper` default `fused_scale=True` (`conv2d_downscale2d`): padded 3x3 kernel, four shifted copies
     summed and scaled by 1/4. Equals `downsample2x(conv3x3(x))` up to float rounding, at 4/9 of the FLOPs.
     The bias is added after the downsample (it commutes with averaging), as in the official code. The kernel is
-    one GEMM (`_fused_kernel`).
+    one GEMM (`_fused_kernel`). `conv` is the same weight as a plain 3x3 conv with its bias (official
+    `fused_scale=False`, `Conv1`: D's block then applies the LReLU BEFORE the pooling, networks._DBlock).
     """
 
     def __init__(self, in_channels: int, out_channels: int, gain: float = SQRT2, equalized: bool = True):
@@ -217,3 +224,7 @@ class ConvDown2d(EqualizedConv2d):
     def forward(self, x: Tensor) -> Tensor:
         w = _fused_kernel(self.weight, self.scale * 0.25)            # [out, in, 4, 4], scaled, / 4
         return F.conv2d(x, w, self.bias, stride=2, padding=1)
+
+    def conv(self, x: Tensor) -> Tensor:
+        """The 3x3 conv alone, bias added, no pooling: [N, in, H, W] -> [N, out, H, W]."""
+        return super().forward(x)

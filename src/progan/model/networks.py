@@ -9,8 +9,11 @@ Fig. 2; 1 = fully grown), which the official code expresses as `lod`: alpha = 1 
 Alpha may be a Python number (1.0 skips the fading-out branch) or a 0-dim tensor (both branches always
 computed: no recompiles under torch.compile as alpha changes). Values outside [0, 1] are clipped (lerp_clip).
 
-Where paper and code differ we follow the official code default (fused_scale=True): in D's blocks the bias and
-LReLU come after the 2x2 pooling (paper Table 2 lists Conv, Conv, Downsample).
+`fused_scale` (official G_paper / D_paper argument, networks.py L160, L245; default true) is a ModelConfig field:
+true, D's blocks add the bias and apply the LReLU after the 2x2 pooling (`Conv1_down`, L269-271); false, before it
+(`Conv1` then `downscale2d`, L272-275), which is also the Theano code's order (network.py@2609d1f D_paper:
+WScaleLayer's bias and lrelu, then Downscale2DLayer) and the paper's Table 2. In G it changes only how the same
+linear map is computed (`Conv0_up` fused transposed conv, or `upscale2d` + `Conv0`, L190-196).
 The official feature switches (config.py L109-116 "Disable individual features") are ModelConfig fields, each the
 official argument it mirrors: `pixel_norm` (G_paper use_pixelnorm: G's PN after every conv; the latents are still
 normalised, normalize_latents), `equalized_lr` (use_wscale, G and D), `leaky_relu` (G_paper use_leakyrelu: ReLU in
@@ -64,6 +67,7 @@ class ModelConfig:
     pixel_norm: bool = True      # official G_paper use_pixelnorm (networks.py L156); -nopixelnorm (config.py L111)
     equalized_lr: bool = True    # official use_wscale of G_paper / D_paper (L155, L242); -nowscale (config.py L112)
     leaky_relu: bool = True      # official G_paper use_leakyrelu (L158); -noleakyrelu (config.py L113): ReLU in G
+    fused_scale: bool = True     # official G_paper / D_paper fused_scale (L160, L245): D's bias + LReLU after the pool
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -81,7 +85,8 @@ class ModelConfig:
         m = params.model
         return cls(latent_dim=int(m.latent_dim), fmap_base=int(m.fmap_base), fmap_max=int(m.fmap_max),
                    mbstd_group_size=int(m.mbstd_group_size), pixel_norm=bool(m.pixel_norm),
-                   equalized_lr=bool(m.equalized_lr), leaky_relu=bool(m.leaky_relu))
+                   equalized_lr=bool(m.equalized_lr), leaky_relu=bool(m.leaky_relu),
+                   fused_scale=bool(m.fused_scale))
 
     @property
     def g_act(self):
@@ -152,12 +157,13 @@ class _GFirstBlock(nn.Module):
 
 
 class _GBlock(nn.Module):
-    """8x8 and up: upsample -> conv3x3 -> LReLU -> PN -> conv3x3 -> LReLU -> PN (upsample fused into conv0)."""
+    """8x8 and up: upsample -> conv3x3 -> LReLU -> PN -> conv3x3 -> LReLU -> PN (upsample fused into conv0 when
+    cfg.fused_scale, official Conv0_up; else upscale2d + Conv0: the same function, networks.py L190-196)."""
 
     def __init__(self, cfg: ModelConfig, in_nf: int, nf: int):
         super().__init__()
         self.act, self.norm = cfg.g_act, cfg.g_norm
-        self.conv0 = UpConv2d(in_nf, nf, equalized=cfg.equalized_lr)      # official Conv0_up (fused_scale=True)
+        self.conv0 = UpConv2d(in_nf, nf, equalized=cfg.equalized_lr, fused=cfg.fused_scale)
         self.conv1 = EqualizedConv2d(nf, nf, 3, equalized=cfg.equalized_lr)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -222,20 +228,24 @@ class _DLastBlock(nn.Module):
 
 
 class _DBlock(nn.Module):
-    """8x8 and up: conv3x3 -> LReLU -> conv3x3 -> 2x2 avg pool -> LReLU (conv1 + pool fused).
+    """8x8 and up: conv3x3 -> LReLU -> conv3x3 and the 2x2 avg pool, in the order `fused` says.
 
-    Follows the official default `fused_scale=True` (`Conv1_down`): bias and LReLU come AFTER the pooling.
-    The paper's Table 2 (and official fused_scale=False) pools after the LReLU; the code default differs.
+    fused (official default `fused_scale=True`, `Conv1_down`, networks.py L269-271): conv and pool fused, the bias
+    and LReLU AFTER the pooling. Not fused (official `fused_scale=False`, `Conv1` + `downscale2d`, L272-275; the
+    Theano code's D_paper, network.py@2609d1f, and the paper's Table 2): bias and LReLU, then the pooling.
     """
 
-    def __init__(self, nf: int, out_nf: int, equalized: bool = True):
+    def __init__(self, nf: int, out_nf: int, equalized: bool = True, fused: bool = True):
         super().__init__()
+        self.fused = fused
         self.conv0 = EqualizedConv2d(nf, nf, 3, equalized=equalized)
         self.conv1 = ConvDown2d(nf, out_nf, equalized=equalized)
 
     def forward(self, x: Tensor) -> Tensor:
         x = leaky_relu(self.conv0(x))
-        return leaky_relu(self.conv1(x))                                # [N, out_nf, H/2, W/2]
+        if self.fused:
+            return leaky_relu(self.conv1(x))                            # [N, out_nf, H/2, W/2]
+        return downsample2x(leaky_relu(self.conv1.conv(x)))             # [N, out_nf, H/2, W/2]
 
 
 class Discriminator(nn.Module):
@@ -257,7 +267,7 @@ class Discriminator(nn.Module):
             if res == 4:
                 self.blocks["4"] = _DLastBlock(cfg.nf(4), cfg.nf(2), cfg.mbstd_group_size, cfg.equalized_lr)
             else:
-                self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2), cfg.equalized_lr)
+                self.blocks[str(res)] = _DBlock(cfg.nf(res), cfg.nf(res // 2), cfg.equalized_lr, cfg.fused_scale)
 
     def forward(self, x: Tensor, alpha: float | Tensor = 1.0, parts: int = 1) -> Tensor:
         top = self.res_px

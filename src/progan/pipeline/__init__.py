@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from progan import paths
-from progan.pipeline.placeholders import EACH, FINAL, LEVEL, PREV, RES, OptionalDep, fill, template, tokens
+from progan.pipeline.placeholders import EACH, FINAL, INIT, LEVEL, PREV, RES, OptionalDep, fill, template, tokens
 from progan.pipeline.stage import WHOLE_PARAMS_YAML, Job, Out, Report, Stage
 
 # The params that decide which jobs the DAG has (not what a job computes): a change rewrites dvc.yaml.
@@ -37,7 +37,8 @@ DAG_SHAPE_KEYS = ("crop.size", "train.start_px", "evaluate.metrics", "evaluate.f
 # errors, tracking) is left out on purpose: a change there would re-run the whole DAG.
 _MODEL = ("src/progan/model/layers.py", "src/progan/model/networks.py", "src/progan/checkpoint.py",
           "src/progan/pictures.py")
-_TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.start_px", "train.tick_kimg", "train.loss",
+_TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.start_px", "train.init_from", "train.tick_kimg",
+               "train.loss",
                "train.gp_weight",
                "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps",
                "train.reset_opt_each_phase", "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips",
@@ -89,7 +90,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           params=("evaluate.fid.max_reals",)),                 # which reals; the rest of the file is code (the pin)
     Stage("train", "progan.train.loop", "train one growth stage: results/<res>/checkpoint.pt (train.*)",
           per_res=True, gpu="train.gpus", mlflow="train",
-          deps=(paths.checkpoint(PREV), paths.pyramid_level(RES)),
+          deps=(INIT,                   # train.init_from: the first job's checkpoint to start from (first: DVC's `prev`)
+                paths.checkpoint(PREV), paths.pyramid_level(RES)),
           code=_MODEL + ("src/progan/headline.py",) + tuple(f"src/progan/train/{m}.py" for m in
                               ("loop", "step", "nets", "loss", "nonfinite", "schedule", "state", "data", "dist")),
           outs=(Out(paths.checkpoint(RES), artifact=False),

@@ -6,6 +6,8 @@
   {each}   every training resolution: consecutive {each} entries are repeated together for train.start_px, ...,
            crop.size
   {level}  every pyramid level, 4, 8, ..., crop.size (data does not depend on where training starts)
+  {init_from}  train.init_from, in the first training job only (at train.start_px); an entry with it is left out
+           everywhere else and when train.init_from is null
 and `OptionalDep(path)`: a dep that a job has only where some job of the table writes it.
 So `train.start_px: <crop.size>` (the official -nogrowing) is one train and one evaluate job, the train job reading
 the pyramid level alone, in both front ends; nothing else changes.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-RES, PREV, FINAL, EACH, LEVEL = "{res}", "{prev}", "{final}", "{each}", "{level}"
+RES, PREV, FINAL, EACH, LEVEL, INIT = "{res}", "{prev}", "{final}", "{each}", "{level}", "{init_from}"
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,16 @@ def prev_res(params, res: int) -> int | None:
 
 
 def tokens(params, res: int | None) -> dict:
-    """The values of {res}, {prev} and {final} in the job at `res` (None: a stage not per resolution)."""
-    return {"res": res, "prev": prev_res(params, res) if res is not None else None, "final": params.crop.size}
+    """The values of {res}, {prev}, {final} and {init_from} in the job at `res` (None: a stage not per resolution)."""
+    first = res is not None and res == params.start_px
+    return {"res": res, "prev": prev_res(params, res) if res is not None else None, "final": params.crop.size,
+            "init_from": params.train.init_from if first else None}
 
 
-def fill(entries, params, *, res=None, prev=None, final=None) -> list:
+def fill(entries, params, *, res=None, prev=None, final=None, init_from=None) -> list:
     """The entries (str, Out or OptionalDep) with their placeholders filled (see the module docstring), each the same
-    kind of entry as before. An entry with {prev} is left out when prev is None."""
+    kind of entry as before. An entry with {prev} is left out when prev is None, one with {init_from} when
+    init_from is None."""
     out, group = [], []
     over = {EACH: params.resolutions, LEVEL: params.levels}       # what {each} and {level} repeat over
 
@@ -55,7 +60,7 @@ def fill(entries, params, *, res=None, prev=None, final=None) -> list:
         text = template(e)
         if RES in text and res is None:
             raise ValueError(f"{text}: {RES} in a stage that is not per resolution")
-        return _with_text(e, text.format(res=res, prev=prev, final=final, each=each, level=each))
+        return _with_text(e, text.format(res=res, prev=prev, final=final, each=each, level=each, init_from=init_from))
 
     def flush():
         if group:
@@ -70,7 +75,7 @@ def fill(entries, params, *, res=None, prev=None, final=None) -> list:
             group.append((token, e))
             continue
         flush()
-        if PREV not in template(e) or prev is not None:
+        if (PREV not in template(e) or prev is not None) and (INIT not in template(e) or init_from is not None):
             out.append(fill_one(e))
     flush()
     return out

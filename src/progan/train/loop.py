@@ -162,7 +162,7 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
                      "penalty norm / %g (train.gp_resolution %s), from %s",
                      res, device.type, env.world, sched.total_nimg / 1000, sched.transition_nimg / 1000,
                      sched.stabilize_nimg / 1000, sched.batch, sched.lr, gp_factor, gp_resolution,
-                     paths.checkpoint(res // 2) if nets.prev else "scratch")
+                     nets.source)
 
             # The loop: one iteration per global minibatch; cur_nimg = images shown in this stage so far.
             cur_nimg = start_nimg

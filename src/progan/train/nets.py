@@ -5,8 +5,10 @@ layers of both come from the same init). Adam has the paper's betas (0, 0.99) an
 G_opt / D_opt, config.py L45-46), fused: one kernel per step, and it honours `found_inf` (nonfinite.step_if_finite);
 `reset_opt_each_phase` false (official `-noreset`, reset_opt_for_new_lod = False) carries its state across stages
 by parameter name (train/state.py), and the new layers' first steps are those of the official never-reset Adam.
-The first stage (train.start_px: 4, or crop.size without growing) starts from scratch; every later one grows from
-the stage R/2 checkpoint, which must have been made with the same model.* and switches (checkpoint.check_grows_from).
+The first stage (train.start_px: 4, or crop.size without growing) starts from scratch, or from the G, D and G_ema of
+`train.init_from` (a checkpoint of `progan import` or of a stage, at train.start_px, made with the same model.*:
+checkpoint.load_init; fresh optimizers, its images counted from 0); every later one grows from the stage R/2
+checkpoint, which must have been made with the same model.* and switches (checkpoint.check_grows_from).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ class Nets:
     G_ema: torch.nn.Module
     cfg: ModelConfig
     prev: dict | None              # the stage R/2 checkpoint (None at the first stage, train.start_px)
-    prev_sha256: str | None
+    prev_sha256: str | None        # its sha256; at the first stage, train.init_from's (None from scratch)
     grown_keys: list[str]          # G keys new at this resolution (G_ema copies them from G)
+    source: str = "scratch"        # where the weights came from, for the log: scratch, the R/2 checkpoint, init_from
 
 
 def build_networks(params, res: int) -> Nets:
@@ -43,7 +46,9 @@ def build_networks(params, res: int) -> Nets:
     G, D = Generator(cfg, res), Discriminator(cfg, res)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     if res == params.start_px:
-        return Nets(G, D, G_ema, cfg, None, None, sorted(G.state_dict()))
+        if params.train.init_from is None:
+            return Nets(G, D, G_ema, cfg, None, None, sorted(G.state_dict()))
+        return _init_from(Path(params.root) / params.train.init_from, res, cfg, G, D, G_ema)   # relative: to the root
     prev_path = Path(paths.checkpoint(res // 2))
     prev = checkpoint.load_stage(prev_path, res // 2)
     checkpoint.check_grows_from(prev_path, prev, cfg, params)
@@ -58,7 +63,23 @@ def build_networks(params, res: int) -> Nets:
     with torch.no_grad():
         for k in grown_ema:
             G_ema.state_dict()[k].copy_(g_state[k])
-    return Nets(G, D, G_ema, cfg, prev, sha256_file(prev_path), sorted(grown))
+    return Nets(G, D, G_ema, cfg, prev, sha256_file(prev_path), sorted(grown), str(prev_path))
+
+
+def _init_from(path: Path, res: int, cfg: ModelConfig, G, D, G_ema) -> Nets:
+    """The first stage's networks from train.init_from (nothing is new: no grown keys)."""
+    from progan.log import log
+
+    init = checkpoint.load_init(path, res, cfg)
+    for net, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
+        try:
+            net.load_state_dict(init[key], strict=True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ProganError(f"train.init_from {path}: {key} does not fit the {res} px networks of model.* "
+                              f"({str(e).strip().splitlines()[0][:120]}); was it written by another version?") from None
+    digest = sha256_file(path)
+    log.info("train %dpx: G, D and G_ema from train.init_from %s (sha256 %s)", res, path, digest[:12])
+    return Nets(G, D, G_ema, cfg, None, digest, [], f"train.init_from {path}")
 
 
 class Adam(NamedTuple):
