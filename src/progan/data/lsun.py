@@ -43,7 +43,8 @@ OBJECTS = {"airplane": "airplane", "bicycle": "bicycle", "bird": "bird", "boat":
            "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "diningtable": "dining_table",
            "dog": "dog", "horse": "horse", "motorbike": "motorbike", "person": "person", "pottedplant": "potted_plant",
            "sheep": "sheep", "sofa": "sofa", "train": "train", "tvmonitor": "tv-monitor"}
-CATEGORIES = sorted({**SCENES, **OBJECTS})
+CATEGORIES = sorted({**SCENES, **OBJECTS})     # config.py L61-90 lists them in this (alphabetical) order
+CONFIG_LINE = 61                                # config.py line of CATEGORIES[0] (`-lsun-airplane`)
 SUFFIX = {"JPEG": ".jpg", "WEBP": ".webp", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 STAMP = ".progan-lsun.json"
 KEYS = "keys.tsv"
