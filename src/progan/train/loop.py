@@ -186,8 +186,9 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
                 prev_nimg = cur_nimg - sched.batch if cur_nimg else None        # the minibatch before, in the stage
                 if reset_opt_each_phase and schedule.reset_optimizer(sched, prev_nimg, cur_nimg):
                     opt_G, opt_D = adam.make_pair(nets.G, nets.D)
-                if rampup_kimg > 0:     # Theano train.py L207-210: lrate_coef * G_ / D_learning_rate_max
-                    coef = schedule.lr_rampup(prev_total_kimg + cur_nimg / 1000, rampup_kimg)
+                group_nimg = cur_nimg - (cur_nimg // sched.batch % d_repeats) * sched.batch   # its D repeats' first
+                if rampup_kimg > 0:     # Theano train.py L207-210: lrate_coef * G_ / D_learning_rate_max, set once
+                    coef = schedule.lr_rampup(prev_total_kimg + group_nimg / 1000, rampup_kimg)   # per G iteration
                     for opt, lr in zip((opt_G, opt_D), sched.lrs):
                         for group in opt.param_groups:
                             group["lr"] = coef * lr
