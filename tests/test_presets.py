@@ -177,7 +177,7 @@ def test_the_paper_cifar10_preset_is_the_theano_section_6_4_2_config():
     assert (p.model.fmap_base, p.model.latent_dim, p.model.mbstd_group_size) == (c["fmap_base"], 512, 16)
     assert (p.train.gp_target, p.train.gp_weight, p.train.drift_weight) == (c["iwass_target"], 10.0, 0.001)
     assert (p.train.d_repeats, p.train.lr_rampup_kimg, p.train.mirror_augment) == (1, 0, False)
-    assert (p.data.source, p.crop.detector, p.crop.size) == ("cifar10", "none", 32)
+    assert (p.data.source, p.crop.detector, p.crop.size, p.model.fused_scale) == ("cifar10", "none", 32, False)
     assert "is" in p.evaluate.metrics and p.evaluate.fid.num_images == 50000 and p.evaluate.fid.is_splits == 10
 
 
