@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from progan import params as params_mod, pipeline, presets
+from progan.train import schedule
 
 from helpers import CELEBA_DIR, REPO, make_workspace, tool_env
 
@@ -93,8 +94,9 @@ def official_stages(schedule, c, size):
 
 
 def _stages(p):
-    return {r: (p.stage(r).batch, p.stage(r).lr, p.stage(r).transition_kimg, p.stage(r).stabilize_kimg)
-            for r in p.resolutions}
+    """{R: (batch, lr, transition_kimg, stabilize_kimg)}; lr is G's, which a test checks equals D's where it matters."""
+    return {r: (p.stage(r).batch, schedule.stage_lrs(p.stage(r).lr)[0], p.stage(r).transition_kimg,
+                p.stage(r).stabilize_kimg) for r in p.resolutions}
 
 
 def _load(name):
@@ -143,6 +145,62 @@ def test_the_table1_preset_is_the_theano_section_6_1_config():
     assert p.model.fused_scale is False
 
 
+# config.py L55 (`-cifar10`), L61-90 (`-lsun-<category>`, mirror_augment True), each with L100 (v2-1gpu) and L106.
+OTHER_TF_DATASETS = {"cifar10-v2-1gpu": (32, "cifar10", False), "lsun256-v2-1gpu": (256, "lsun", True)}
+# Theano config.py@2609d1f: the baseline L41-96 with section 6.4.2's overrides L170-177.
+PAPER_CIFAR10 = dict(minibatch_default=16, minibatch_overrides={}, learning_rate_max=0.001, rampup_kimg=0,
+                     lod_training_kimg=400, lod_transition_kimg=400, total_kimg=15000, fmap_base=4096, resolution=32,
+                     iwass_target=750.0, D_training_repeats=1, mirror_augment=False)
+
+
+def test_the_cifar10_and_lsun_presets_are_the_official_schedule():
+    for name, (size, source, mirror) in OTHER_TF_DATASETS.items():
+        p = _load(name)
+        c = TF_PRESETS["v2-1gpu"]
+        assert p.crop.size == size and _stages(p) == official_stages(tf_schedule, c, size), name
+        assert sum(s[2] + s[3] for s in _stages(p).values()) == c["total_kimg"], name
+        assert p.data.source == source and p.train.mirror_augment == mirror, name
+        assert (p.model.latent_dim, p.model.fmap_base, p.model.fmap_max, p.model.mbstd_group_size) == (512, 8192, 512, 4)
+        assert (p.train.gp_target, p.train.d_repeats, p.train.lr_rampup_kimg) == (1.0, 1, 0), name
+    cifar, lsun = _load("cifar10-v2-1gpu"), _load("lsun256-v2-1gpu")
+    assert cifar.crop.detector == "none" and cifar.data.cifar10_split == "train" and "is" in cifar.evaluate.metrics
+    assert _stages(cifar)[32] == (64, 0.001, 600, 8400)
+    assert lsun.crop.detector == "center" and lsun.data.max_images == 100000 and lsun.data.lsun_category == "bedroom"
+    assert _stages(lsun)[256] == (8, 0.001, 600, 4800)       # minibatch_dict[256] 8 (the -fp32 cap is 16)
+
+
+def test_the_paper_cifar10_preset_is_the_theano_section_6_4_2_config():
+    p, c = _load("paper-cifar10"), PAPER_CIFAR10
+    assert _stages(p) == official_stages(theano_schedule, c, c["resolution"])
+    assert _stages(p)[32] == (16, 0.001, 400, 12600) and sum(v[2] + v[3] for v in _stages(p).values()) == 15000
+    assert {tuple(p.stage(r).lr.values()) for r in p.resolutions} == {(0.001, 0.001)}       # G and D
+    assert (p.model.fmap_base, p.model.latent_dim, p.model.mbstd_group_size) == (c["fmap_base"], 512, 16)
+    assert (p.train.gp_target, p.train.gp_weight, p.train.drift_weight) == (c["iwass_target"], 10.0, 0.001)
+    assert (p.train.d_repeats, p.train.lr_rampup_kimg, p.train.mirror_augment) == (1, 0, False)
+    assert (p.data.source, p.crop.detector, p.crop.size, p.model.fused_scale) == ("cifar10", "none", 32, False)
+    assert "is" in p.evaluate.metrics and p.evaluate.fid.num_images == 50000 and p.evaluate.fid.is_splits == 10
+
+
+def test_init_dataset_picks_an_lsun_category(tmp_path, capsys):
+    out = tmp_path / "params.yaml"
+    assert presets.main(["--preset", "lsun256-v2-1gpu", "--dataset", "lsun-car", "--params", str(out)]) == 0
+    capsys.readouterr()
+    p = params_mod.load(out)
+    assert p.data.lsun_category == "car" and p.data.source == "lsun"
+    assert "  lsun_category: car     # `-lsun-car` (config.py L69);" in out.read_text()
+    for args, message in ((["--preset", "cifar10-v2-1gpu", "--dataset", "lsun-car"], "is not an LSUN one"),
+                          (["--preset", "lsun256-v2-1gpu", "--dataset", "lsun-unicorn"], "not one of config.py's")):
+        assert presets.main([*args, "--params", str(tmp_path / "x.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    # --folder on an LSUN preset is the LMDB folder: the source stays lsun
+    (tmp_path / "bedroom_lmdb").mkdir()
+    assert presets.main(["--preset", "lsun256-v2-1gpu", "--folder", str(tmp_path / "bedroom_lmdb"), "--params",
+                         str(tmp_path / "f.yaml")]) == 0
+    f = params_mod.load(tmp_path / "f.yaml")
+    assert (f.data.source, f.data.folder) == ("lsun", str(tmp_path / "bedroom_lmdb"))
+
+
 def test_the_default_params_yaml_is_the_v2_1gpu_celeba_preset_and_says_so():
     text = (REPO / "params.yaml").read_text()
     assert text == presets.preset_path("celeba128-v2-1gpu").read_text()
@@ -169,7 +227,7 @@ def test_init_list_and_help(capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("celeba128-v1-1gpu ")
     assert presets.main(["--list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == presets.names() and len(out) == 11
+    assert [line.split()[0] for line in out] == presets.names() and len(out) == 14
     assert all(len(line.split(None, 1)) == 2 for line in out)
     with pytest.raises(SystemExit) as e:
         presets.main(["--help"])
@@ -254,5 +312,6 @@ def test_init_writes_each_preset_and_both_front_ends_plan_its_dag(tmp_path):
         n_stats = len([r for r in p.resolutions if r >= p.evaluate.fid.min_res_px])       # 32 .. crop.size
         assert counts.get("train") == str(n) and counts.get("evaluate") == str(n), (name, counts)
         assert counts.get("fid_stats") == str(n_stats) and n_stats == n - 3, (name, counts)
+        assert counts.get("download") == "1" and counts.get("crop") == "1", (name, counts)
         assert dvc_stages == {j.id for j in pipeline.jobs(p)}, name
         assert f"train@{p.crop.size}" in dvc_stages and len(dvc_stages) == 4 + 2 * n + n_stats

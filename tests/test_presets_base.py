@@ -47,8 +47,12 @@ def _same_values(old: str, new: str) -> set[str]:
     return set(new_values) - set(old_values)
 
 
+# Presets added since (issue #29): written as deltas from the start, no complete file of before to compare with.
+NEWER_PRESETS = {"cifar10-v2-1gpu", "lsun256-v2-1gpu", "paper-cifar10"}
+
+
 def test_every_preset_expands_to_its_complete_file_of_before():
-    for name in presets.names():
+    for name in sorted(set(presets.names()) - NEWER_PRESETS):
         old, new = _as_of_complete_files(f"workflow/presets/{name}.yaml"), presets.full_text(name)
         added = _same_values(old, new)
         # comment by comment: every line of the old file is in the expansion, in order (value, comment and spacing);
@@ -68,6 +72,16 @@ def test_every_preset_expands_to_its_complete_file_of_before():
             base_lines = {key: lines for key, lines in base if key}
             assert [k for k, lines in delta if k and not k.startswith("train.stages") and not presets._bare(lines)
                     and lines == base_lines[k]] == [], name
+
+
+def test_the_newer_presets_write_only_what_differs():
+    _, base = presets._parse(presets.full_text(presets.BASE))
+    base_lines = {key: lines for key, lines in base if key}
+    for name in sorted(NEWER_PRESETS):
+        _, delta = presets._parse((REPO / "workflow/presets" / f"{name}.yaml").read_text())
+        assert [k for k, lines in delta if k and not k.startswith("train.stages") and not presets._bare(lines)
+                and lines == base_lines[k]] == [], name
+        assert set(yaml.safe_load(presets.full_text(name))) == set(yaml.safe_load(presets.full_text(presets.BASE)))
 
 
 def test_the_demo_expands_to_its_values_of_before_with_the_base_comments_where_it_changes_nothing():

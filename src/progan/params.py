@@ -263,6 +263,9 @@ def validate(data: Any, name: str = DEFAULT_PATH) -> None:
         raise ParamsError(f"{name}: data.url must be set when data.source is url")
     if src == "folder" and not data["data"]["folder"]:
         raise ParamsError(f"{name}: data.folder must be set when data.source is folder")
+    if src == "lsun" and not (data["data"]["folder"] or data["data"]["url"] or data["data"]["lsun_category"]):
+        raise ParamsError(f"{name}: data.source lsun needs data.lsun_category (an official category), data.url (a zip "
+                          f"of its LMDB export) or data.folder (the LMDB folder)")
 
 
 def _first_non_finite(node: Any, key: str = "") -> tuple[str, str] | None:

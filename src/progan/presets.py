@@ -1,8 +1,11 @@
-"""`progan init --preset NAME [--folder DIR | --url URL]`: write params.yaml from an official configuration.
+"""`progan init --preset NAME [--folder DIR | --url URL] [--dataset NAME]`: write params.yaml from an official
+configuration.
 
 The presets live in workflow/presets/<name>.yaml, every value commented with the official file and line it comes
 from: the TF release's `config.py` presets (v1-1gpu, v2-1gpu, v2-2gpus, v2-4gpus, v2-8gpus) for CelebA 128 and for
-CelebA-HQ 1024, and the paper's Table 1 CelebA 128 config (Theano code). `--list` shows them.
+CelebA-HQ 1024, v2-1gpu for CIFAR-10 and for the LSUN categories at 256 px (`--dataset lsun-CATEGORY` picks one of
+config.py's 30 dataset lines), and the paper's Table 1 CelebA 128 and CIFAR-10 configs (Theano code). `--list` shows
+them.
 
 One preset, BASE (the default params.yaml, of which the repository's params.yaml is a copy), is a complete file; every
 other preset, and the CPU demo's workflow/params.demo.yaml, holds only what differs from it: its own header (the
@@ -157,8 +160,8 @@ def load(name: str) -> params_mod.Params:
     return params_mod.Params(data, preset_path(name))
 
 
-def _set_data_line(text: str, key: str, value) -> str:
-    """Replace the value of `  key:` in the data section, keeping its comment."""
+def _set_data_line(text: str, key: str, value, comment: str | None = None) -> str:
+    """Replace the value of `  key:` in the data section, keeping its comment (or writing `comment`)."""
     start = text.index("\ndata:\n") + len("\ndata:\n")
     end = re.search(r"(?m)^\S", text[start:])
     end = start + (end.start() if end else len(text) - start)
@@ -167,14 +170,36 @@ def _set_data_line(text: str, key: str, value) -> str:
     written = "null" if value is None else (value if plain else json.dumps(value))
     section, n = re.subn(rf"(?m)^(  {key}:) [^#\n]*?(\s+#|$)", lambda m: f"{m.group(1)} {written}{m.group(2)}",
                          text[start:end], count=1)
+    if comment is not None:
+        section = re.sub(rf"(?m)^(  {key}: [^#\n]*?\s+# ).*$", lambda m: m.group(1) + comment, section, count=1)
     if n != 1:
         raise ProganError(f"preset: data.{key} line not found")
     return text[:start] + section + text[end:]
 
 
-def render(name: str, folder: str | None = None, url: str | None = None, out_dir: Path | None = None) -> str:
+def _dataset(name: str, text: str, dataset: str) -> str:
+    """`--dataset lsun-CATEGORY`: an LSUN preset's data.lsun_category, with its config.py line."""
+    from progan.data import lsun
+
+    if yaml.safe_load(text)["data"]["source"] != "lsun":
+        raise ProganError(f"--dataset {dataset}: preset {name} is not an LSUN one; --dataset picks the category of "
+                          f"an LSUN preset ({', '.join(n for n in names() if n.startswith('lsun'))})")
+    category = dataset.removeprefix("lsun-")
+    if not dataset.startswith("lsun-") or category not in lsun.CATEGORIES:
+        raise ProganError(f"--dataset {dataset}: not one of config.py's LSUN datasets (lsun-" + ", lsun-".join(
+            lsun.CATEGORIES) + ")")
+    line = lsun.CONFIG_LINE + lsun.CATEGORIES.index(category)
+    return _set_data_line(text, "lsun_category", category,
+                          f"`-lsun-{category}` (config.py L{line}); `progan init --dataset lsun-CATEGORY` picks any of "
+                          f"L61-90")
+
+
+def render(name: str, folder: str | None = None, url: str | None = None, out_dir: Path | None = None,
+           dataset: str | None = None) -> str:
     """The params.yaml text of preset `name` with the data source changed, validated."""
     text = full_text(name)
+    if dataset is not None:
+        text = _dataset(name, text, dataset)
     data = yaml.safe_load(text)["data"]
     out_dir = Path(out_dir or Path.cwd()).absolute()
     if folder is not None:
@@ -182,11 +207,13 @@ def render(name: str, folder: str | None = None, url: str | None = None, out_dir
         if not where.absolute().is_dir():
             raise ProganError(f"--folder {folder}: no such folder of images")
         value = str(where) if where.is_absolute() else os.path.relpath(where.absolute(), out_dir)
-        text = _set_data_line(_set_data_line(text, "source", "folder"), "folder", value)
+        if data["source"] != "lsun":                    # an LSUN preset's folder is the LMDB database, read in place
+            text = _set_data_line(text, "source", "folder")
+        text = _set_data_line(text, "folder", value)
     elif url is not None:
         if not re.match(r"^(https?|file)://", url):
             raise ProganError(f"--url {url}: must be an http://, https:// or file:// URL of an archive (zip, tar.*)")
-        if data["source"] != "celeba":            # CelebA presets keep the official zip's md5 check: url = a mirror
+        if data["source"] not in ("celeba", "cifar10", "lsun"):     # their own formats, checksums: url = a mirror
             text = _set_data_line(_set_data_line(text, "source", "url"), "folder", None)
         text = _set_data_line(text, "url", url)
     elif data["source"] == "folder" and data["folder"] == HQ_PLACEHOLDER and not (out_dir / HQ_PLACEHOLDER).is_dir():
@@ -197,11 +224,12 @@ def render(name: str, folder: str | None = None, url: str | None = None, out_dir
     return text
 
 
-def write(name: str, target: Path, folder: str | None = None, url: str | None = None, force: bool = False) -> list[str]:
+def write(name: str, target: Path, folder: str | None = None, url: str | None = None, force: bool = False,
+          dataset: str | None = None) -> list[str]:
     """Write `target` (params.yaml) from the preset, and dvc.yaml beside it in a project folder; returns what was
     written."""
     target = Path(target).absolute()
-    text = render(name, folder, url, target.parent)
+    text = render(name, folder, url, target.parent, dataset)
     written = []
     if target.exists() and target.read_text(encoding="utf-8") != text:
         if not force:
@@ -233,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--folder", metavar="DIR", help="train on the images in DIR (data.source folder)")
     source.add_argument("--url", metavar="URL", help="download the images from URL (an archive; for the CelebA "
                                                      "presets a mirror of img_align_celeba.zip, md5 still checked)")
+    parser.add_argument("--dataset", metavar="NAME", help="an LSUN preset's category, as config.py's dataset lines "
+                                                          "name it: lsun-bedroom, lsun-car, ... (30 in all)")
     parser.add_argument("--params", default="params.yaml", metavar="PATH", help="file to write (default: ./params.yaml)")
     parser.add_argument("--force", action="store_true", help="replace an existing params file with other settings")
     args = parser.parse_args(argv)
@@ -243,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.preset:
         parser.error("give --preset NAME (or --list)")
     try:
-        written = write(args.preset, Path(args.params), args.folder, args.url, args.force)
+        written = write(args.preset, Path(args.params), args.folder, args.url, args.force, args.dataset)
     except ProganError as e:
         print(f"progan init: error: {e}", file=sys.stderr)
         return 1

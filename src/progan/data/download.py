@@ -6,6 +6,8 @@ Sources (`data.source`):
           resumed with an HTTP Range request after an interruption, renamed only once the checksum
           (`data.sha256` / `data.md5`) matches, then unpacked safely into data/raw/images/ when it is an
           archive (see archive.py); a single image is listed as it is.
+  cifar10 the official CIFAR-10 binary archive, its records written as PNGs (data/cifar10.py)
+  lsun    an LSUN category's official LMDB export, its images written out (data/lsun.py)
   celeba  the official aligned CelebA zip (paper §6 / appendix C start from it): Google Drive via gdown,
           or `data.url` as a mirror; md5 checked against the published one unless data.md5/sha256 say otherwise.
 
@@ -53,7 +55,10 @@ def run(params) -> int:
     """Write paths.IMAGES_LIST for `params.data`; returns the number of rows."""
     root = Path(os.path.abspath(params.root))
     data = params.data
-    if data.source == "folder":
+    if data.source in ("cifar10", "lsun"):          # their own formats: data/cifar10.py, data/lsun.py
+        from progan.data import cifar10, lsun
+        files = {"cifar10": cifar10, "lsun": lsun}[data.source].images(data, root)
+    elif data.source == "folder":
         files = _folder_images(root, data.folder)
     else:
         checksums = _checksums(data)

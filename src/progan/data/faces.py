@@ -9,7 +9,11 @@ Detectors (crop.detector):
   mtcnn-torch  MTCNN in PyTorch (progan.data.mtcnn), batched, CUDA when present
   mtcnn-tf     the `mtcnn` package's own TensorFlow MTCNN (imported lazily; slow, for cross-checks)
   celeba-box   the fixed CelebA crop box (25, 57, 153, 185) of 178x218 aligned images, no detection
-  center       the largest centred square
+  center       the largest centred square, resized to crop.size (official dataset_tool.py create_lsun)
+  none         the image as it is: one of crop.size x crop.size px is kept unchanged, any other is skipped with the
+               reason (official create_from_images refuses a non-square or other-size image; CIFAR-10 at 32 px)
+Kept rows note what was done besides the crop (images.conversion_notes: alpha composited on white, EXIF rotation,
+16-bit rescaled, CMYK / palette / grey converted, first frame of several; the centre square and the resize).
 Which face: the most confident one with p >= crop.min_confidence, ties broken by area.
 
 Alignment (MTCNN detectors): the square is rotated so the eyes are level and centred on the point a quarter
@@ -45,7 +49,7 @@ from progan import paths
 from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import pid_alive
 from progan.log import log, progress
-from progan.data.images import ImageError, load_rgb
+from progan.data.images import ImageError, conversion_notes, load_rgb
 
 CELEBA_ALIGNED_HW = (218, 178)            # img_align_celeba size
 CELEBA_BOX = (25, 57, 153, 185)           # x0, y0, x1, y1: the usual 128 px CelebA face crop
@@ -196,9 +200,10 @@ def make_detector(name: str, min_face_px: int) -> Detector | None:
         return MTCNN(min_face_px=min_face_px).detect
     if name == "mtcnn-tf":
         return _TFDetector(min_face_px)
-    if name in ("celeba-box", "center"):
+    if name in ("celeba-box", "center", "none"):
         return None
-    raise ProganError(f"params.yaml: crop.detector must be mtcnn-torch, mtcnn-tf, celeba-box or center, got {name!r}")
+    raise ProganError(f"params.yaml: crop.detector must be mtcnn-torch, mtcnn-tf, celeba-box, center or none, "
+                      f"got {name!r}")
 
 
 def _detect_capped(detector: Detector, images: list[np.ndarray]) -> list[list]:
@@ -307,11 +312,22 @@ def crop_row(row: Row, face, detector_name: str, crop) -> np.ndarray:
         row.box = CELEBA_BOX
         x0, y0, x1, y1 = CELEBA_BOX
         return _resize(Image.fromarray(image[y0:y1, x0:x1]), size)
-    if detector_name == "center":
+    if detector_name == "none":
+        h, w = image.shape[:2]
+        if (w, h) != (size, size):
+            raise ValueError(f"not {size}x{size} px (got {w}x{h}); crop.detector none takes images as they are "
+                             f"(center centre-crops and resizes)")
+        row.box = (0, 0, w, h)
+        return image
+    if detector_name == "center":      # create_lsun: img[(h - c) // 2 : (h + c) // 2, (w - c) // 2 : (w + c) // 2]
         h, w = image.shape[:2]
         side = min(h, w)
         x0, y0 = (w - side) // 2, (h - side) // 2
         row.box = (x0, y0, x0 + side, y0 + side)
+        notes = [row.reason] if row.reason else []
+        notes += [f"centre {side}x{side} of {w}x{h}"] if w != h else []
+        notes += [f"resized {side} -> {size} px"] if side != size else []
+        row.reason = "; ".join(notes)
         return _resize(Image.fromarray(image[y0:y0 + side, x0:x0 + side]), size)
     row.box, row.score, row.landmarks = face.box, face.score, face.landmarks
     centre, ux, uy, side = aligned_square(face.landmarks, crop.margin)
@@ -395,6 +411,8 @@ def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out
                     row.reason, out = str(e), None
                 if out is None:
                     continue
+                done = conversion_notes(Path(row.file) if os.path.isabs(row.file) else root / row.file)
+                row.reason = "; ".join(done + ([row.reason] if row.reason else []))
                 name = f"{kept:06d}.png"
                 (out_dir / name).write_bytes(_encode_png(out))
                 row.status, row.out = "kept", f"{paths.FACES_IMAGES_DIR}/{name}"

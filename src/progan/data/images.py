@@ -4,7 +4,8 @@ A file that cannot be used raises `ImageError` with a short `reason` ("empty fil
 "not an image (unknown format)", ...); the crop stage records the reason in its manifest and skips the file.
 Handled on purpose: EXIF orientation, every Pillow mode (alpha composited on white, 16-bit and float grey
 rescaled, CMYK / palette / 1-bit converted), content that does not match the extension (PNG data named .jpg),
-WEBP, animated GIF / APNG (first frame), and the decompression-bomb guard.
+WEBP, animated GIF / APNG (first frame), and the decompression-bomb guard. `conversion_notes` says which of these a
+file gets (the crop manifest's notes).
 """
 from __future__ import annotations
 
@@ -108,6 +109,39 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.ascontiguousarray(np.asarray(im))
+
+
+def conversion_notes(path: str | os.PathLike) -> list[str]:
+    """What load_rgb does to this file besides decoding, as short notes for the crop manifest (read from the header:
+    nothing is decoded); [] for a plain RGB image or a file Pillow cannot open."""
+    try:
+        with Image.open(path) as im:
+            mode, notes = im.mode, []
+            if mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info):
+                notes.append(f"{mode} with transparency: alpha composited on white")
+            elif mode.startswith("I;16"):
+                notes.append(f"16-bit grey ({mode}) rescaled to 8 bits")
+            elif mode in ("I", "F"):
+                notes.append(f"{'32-bit integer' if mode == 'I' else 'float'} grey ({mode}) mapped to 8 bits")
+            elif mode != "RGB":
+                notes.append(f"{mode} converted to RGB")
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except Exception:      # noqa: BLE001 - a broken EXIF block: _orient leaves the image as stored
+                orientation = 1
+            if orientation not in (1, None) and 1 <= int(orientation) <= 8:
+                notes.append(f"EXIF orientation {orientation} applied")
+            if getattr(im, "n_frames", 1) > 1:
+                notes.append(f"first of {im.n_frames} frames")
+            suffix = Path(path).suffix.lower()
+            if im.format and suffix and suffix.lstrip(".") not in _FORMAT_SUFFIXES.get(im.format, (im.format.lower(),)):
+                notes.append(f"{im.format} data named {suffix}")
+            return notes
+    except Exception:              # noqa: BLE001 - notes only; load_rgb reports what is wrong with the file
+        return []
+
+
+_FORMAT_SUFFIXES = {"JPEG": ("jpg", "jpeg", "jpe", "jfif"), "TIFF": ("tif", "tiff"), "PNG": ("png", "apng")}
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -38,8 +38,7 @@ DAG_SHAPE_KEYS = ("crop.size", "train.start_px", "evaluate.metrics", "evaluate.f
 _MODEL = ("src/progan/model/layers.py", "src/progan/model/networks.py", "src/progan/checkpoint.py",
           "src/progan/pictures.py")
 _TRAIN_KEYS = ("seed", "model", "crop.size", "train.gpus", "train.start_px", "train.init_from", "train.tick_kimg",
-               "train.loss",
-               "train.gp_weight",
+               "train.loss", "train.d_repeats", "train.gp_weight", "train.gp_target", "train.lr_rampup_kimg",
                "train.gp_resolution", "train.drift_weight", "train.betas", "train.adam_eps",
                "train.reset_opt_each_phase", "train.ema_decay", "train.mirror_augment", "train.max_consecutive_skips",
                "train.deterministic", "train.amp", "train.channels_last",
@@ -65,10 +64,11 @@ def _inception_resolutions(params) -> list[int]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("download", "progan.data.download", "fetch or list the source images (data.*) into data/raw/",
-          code=("src/progan/data/download.py", "src/progan/data/archive.py"),
+          code=("src/progan/data/download.py", "src/progan/data/archive.py", "src/progan/data/cifar10.py",
+                "src/progan/data/lsun.py"),
           outs=(Out(paths.IMAGES_LIST),),
           params=("data.source", "data.url", "data.sha256", "data.md5", "data.folder", "data.max_images",
-                  "data.max_download_mb")),
+                  "data.max_download_mb", "data.cifar10_split", "data.lsun_category")),
     Stage("crop", "progan.data.faces", "detect and crop one face per image (crop.*) into data/faces/",
           deps=(paths.IMAGES_LIST,),
           code=("src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py"),

@@ -3,8 +3,11 @@
 `training_loop` reads top to bottom in the order of stylegan2-ada-pytorch `training/training_loop.py`: settings,
 data, networks, resume, the loop (schedule, one step, once per tick: log, stats, snapshot), outputs. It follows
 tkarras/progressive_growing_of_gans `train.py` (`train_progressive_gan`): progress is counted in images (`cur_nimg`,
-images of THIS stage, from which phase, alpha, ticks and snapshots follow); one D step then one G step per minibatch
-(official D_repeats=1, train/step.py); Adam state reset at every phase (official reset_opt_for_new_lod); generator
+images of THIS stage, from which phase, alpha, ticks and snapshots follow); one D step per minibatch, and one G step
+after every train.d_repeats D steps (official D_repeats, train.py L228-231: each D step on its own minibatch; a
+stage's last minibatch always ends with a G step); G and D at their own learning rates (train.stages.<R>.lr {G, D}),
+times the Theano ramp-up of the run's first train.lr_rampup_kimg (schedule.lr_rampup); Adam state reset at every
+phase (official reset_opt_for_new_lod); generator
 EMA G_ema (official Gs, G_smoothing); a log line, a loss row and maybe a snapshot once per tick. Multi-GPU: see
 dist.py; rank 0 alone writes files.
 
@@ -79,7 +82,10 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
     adam = nets_mod.Adam.from_params(params, res)
     gp_resolution = tp.gp_resolution                                 # dataset (official) | native
     gp_factor = penalty_resolution_factor(gp_resolution, int(params.crop.size), res)   # penalty norm / this
-    step_settings = step.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay, gp_factor)
+    step_settings = step.Settings(tp.loss, tp.gp_weight, tp.drift_weight, tp.ema_decay, gp_factor,
+                                  float(tp.gp_target))                # penalty target norm (official wgan_target)
+    d_repeats = int(tp.d_repeats)                                    # D steps per G step (official D_repeats)
+    rampup_kimg = float(tp.lr_rampup_kimg)                           # lr ramp-up over the run's first kimg (Theano)
     max_consecutive_skips = int(tp.max_consecutive_skips)           # skipped (non-finite) steps in a row: stop
     tick_nimg = max(int(round(tp.tick_kimg * 1000)), 1)              # a log line and a loss row every tick
     snapshot_nimg = max(int(round(tp.snapshot_kimg * 1000)), 1)      # a resume snapshot every this many images
@@ -123,7 +129,7 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
             net.to(device)
             if channels_last:
                 net.to(memory_format=torch.channels_last)
-        opt_G, opt_D = adam.make(nets.G), adam.make(nets.D)
+        opt_G, opt_D = adam.make_pair(nets.G, nets.D)
         if nets.prev is not None and not reset_opt_each_phase:
             nets_mod.carry_optimizer_state(nets, res, opt_G, opt_D)
         prev_total_kimg = float(nets.prev["total_kimg"]) if nets.prev else 0.0
@@ -149,8 +155,9 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
             for net, name in ((nets.G, "G"), (nets.D, "D"), (nets.G_ema, "G_ema")):
                 net.load_state_dict(snap[name])
             opt_G.load_state_dict(snap["opt_G"]), opt_D.load_state_dict(snap["opt_D"])
-            for group in (*opt_G.param_groups, *opt_D.param_groups):
-                group["lr"] = sched.lr
+            for opt, lr in zip((opt_G, opt_D), sched.lrs):
+                for group in opt.param_groups:
+                    group["lr"] = lr
             state.set_rng_state(snap["rng"][env.rank])
             start_nimg, rows, seconds_before = int(snap["cur_nimg"]), list(snap["rows"]), float(snap["seconds"])
             log.info("train %d px: resuming from %s at stage kimg %.1f", res, resume_path, start_nimg / 1000)
@@ -158,10 +165,10 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
 
         with tracking.stage_run(params, res=res, job="train") as tr:   # rank 0 logs; never raises
             tr.log_params({"train.world_size": env.world, "train.device": device.type})
-            log.info("train %d px on %s x%d: %.1f kimg (transition %.1f + stabilize %.1f), batch %d, lr %g, "
+            log.info("train %d px on %s x%d: %.1f kimg (transition %.1f + stabilize %.1f), batch %d, lr G %g D %g, "
                      "penalty norm / %g (train.gp_resolution %s), from %s",
                      res, device.type, env.world, sched.total_nimg / 1000, sched.transition_nimg / 1000,
-                     sched.stabilize_nimg / 1000, sched.batch, sched.lr, gp_factor, gp_resolution,
+                     sched.stabilize_nimg / 1000, sched.batch, *sched.lrs, gp_factor, gp_resolution,
                      nets.source)
 
             # The loop: one iteration per global minibatch; cur_nimg = images shown in this stage so far.
@@ -178,14 +185,23 @@ def training_loop(params, res: int, use_cuda: bool, on_tick=None) -> dict:
                 phase, alpha = schedule.phase(sched, cur_nimg), schedule.alpha(sched, cur_nimg)
                 prev_nimg = cur_nimg - sched.batch if cur_nimg else None        # the minibatch before, in the stage
                 if reset_opt_each_phase and schedule.reset_optimizer(sched, prev_nimg, cur_nimg):
-                    opt_G, opt_D = adam.make(nets.G), adam.make(nets.D)
+                    opt_G, opt_D = adam.make_pair(nets.G, nets.D)
+                group_nimg = cur_nimg - (cur_nimg // sched.batch % d_repeats) * sched.batch   # its D repeats' first
+                if rampup_kimg > 0:     # Theano train.py L207-210: lrate_coef * G_ / D_learning_rate_max, set once
+                    coef = schedule.lr_rampup(prev_total_kimg + group_nimg / 1000, rampup_kimg)   # per G iteration
+                    for opt, lr in zip((opt_G, opt_D), sched.lrs):
+                        for group in opt.param_groups:
+                            group["lr"] = coef * lr
+                # a G step after every d_repeats-th D step, and after the stage's last one (official D_repeats)
+                g_step = (cur_nimg // sched.batch + 1) % d_repeats == 0 or cur_nimg + sched.batch >= sched.total_nimg
                 if env.is_main and (bar is None or schedule.phase(sched, cur_nimg - sched.batch) != phase):
                     bar = _phase_bar(bar, sched, res, phase, cur_nimg)
 
                 try:     # a batch too large for the device fails in any allocation of the step, its inputs too
                     inputs = step.step_inputs(seed, res, sched.batch, cur_nimg, x_u8, flip, alpha, nets.cfg.latent_dim,
                                               device, channels_last, env.rank, env.world)
-                    stats.add(step.train_step(nets, opt_G, opt_D, inputs, step_settings, env.world, autocast))
+                    stats.add(step.train_step(nets, opt_G, opt_D, inputs, step_settings, env.world, autocast, g_step),
+                              g_step)
                 except torch.cuda.OutOfMemoryError as e:
                     raise _out_of_memory(e, res, sched, cur_nimg, phase, resume_path, snapshot_nimg_done,
                                           grows=nets.prev is not None) from e

@@ -2,8 +2,10 @@
 
 - wgan-gp: official `loss.py` `G_wgan_acgan` / `D_wgangp_acgan` without labels: per-sample
   D loss = D(fake) - D(real) + gp_weight * (||grad D(x_hat)||_2 / f - 1)^2 + drift_weight * D(real)^2,
-  x_hat = lerp(real, fake, u), u ~ U(0, 1) per sample (wgan_lambda 10, wgan_epsilon 0.001, wgan_target 1;
-  loss.py L43-71); G loss = -D(fake). train.py minimises the mean over the minibatch (`tf.reduce_mean(D_loss)`,
+  x_hat = lerp(real, fake, u), u ~ U(0, 1) per sample (wgan_lambda 10, wgan_epsilon 0.001; loss.py L43-71);
+  G loss = -D(fake). With a target t other than 1 (`train.gp_target`, official wgan_target, loss.py L46) the penalty
+  is gp_weight / t^2 * (||grad|| / f - t)^2 (loss.py L66-67; Theano train.py@2609d1f L340 iwass_target: 750 in the
+  paper's CIFAR-10 config, config.py L177). train.py minimises the mean over the minibatch (`tf.reduce_mean(D_loss)`,
   train.py L189-190), as here.
 - the penalty's resolution factor f (`train.gp_resolution`, see `penalty_resolution_factor`): the official
   networks are built at the dataset resolution N. At stage R the reals are nearest-upscaled by f = N / R
@@ -32,7 +34,7 @@ from torch import Tensor
 from progan.errors import ProganError
 
 KINDS = ("wgan-gp", "lsgan")
-WGAN_TARGET = 1.0         # official wgan_target: the gradient norm the penalty pulls towards
+WGAN_TARGET = 1.0         # official wgan_target (loss.py L46): the gradient norm the penalty pulls towards
 LSGAN_FAKE_WEIGHT = 0.1   # official Theano train.py evaluate_loss L2_fake_weight
 
 Critic = Callable[..., Tensor]   # D(x, alpha, parts=1) -> [N] scores (parts: Discriminator.forward)
@@ -64,10 +66,11 @@ def penalty_resolution_factor(gp_resolution: str, dataset_px: int, res_px: int) 
 
 
 def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Tensor | None = None,
-                     resolution_factor: float = 1.0) -> Tensor:
-    """Mean over samples of (||grad_x D(x_hat)||_2 / f - 1)^2 with x_hat = lerp(reals, fakes, u) (official
-    `D_wgangp_acgan` GradientPenalty, loss.py L57-67) and f = `resolution_factor` (module docstring: the official
-    gradient w.r.t. the f-times upscaled image has norm ||grad|| / f). One uniform factor u per sample from the
+                     resolution_factor: float = 1.0, target: float = WGAN_TARGET) -> Tensor:
+    """Mean over samples of (||grad_x D(x_hat)||_2 / f - t)^2 / t^2 with x_hat = lerp(reals, fakes, u) (official
+    `D_wgangp_acgan` GradientPenalty, loss.py L57-67: square(norms - wgan_target) * wgan_lambda / wgan_target^2, the
+    lambda applied by d_loss), f = `resolution_factor` (module docstring: the official gradient w.r.t. the f-times
+    upscaled image has norm ||grad|| / f) and t = `target`. One uniform factor u per sample from the
     global torch RNG, or `mix` ([N] or [N, 1, 1, 1]) when given. create_graph=True so the penalty is trained."""
     n = reals.shape[0]
     if fakes.shape != reals.shape:
@@ -82,7 +85,9 @@ def gradient_penalty(D: Critic, reals: Tensor, fakes: Tensor, alpha, *, mix: Ten
     norms = _fp32(grad).square().sum(dim=tuple(range(1, grad.ndim))).sqrt()   # [N]
     if resolution_factor != 1.0:
         norms = norms / resolution_factor                              # = the official upscaled-image norm
-    return (norms - WGAN_TARGET).square().mean()
+    if target == WGAN_TARGET:
+        return (norms - WGAN_TARGET).square().mean()
+    return (norms - target).square().mean() / target**2
 
 
 def scores_in_one_pass(D: Critic, alpha, *batches: Tensor) -> list[Tensor]:
@@ -101,8 +106,9 @@ def scores_in_one_pass(D: Critic, alpha, *batches: Tensor) -> list[Tensor]:
 
 def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp", gp_weight: float = 10.0,
            drift_weight: float = 0.001, gp_resolution_factor: float = 1.0, *,
-           mix: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The D loss (scalar) and detached parts: d_real / d_fake (mean scores), gp (unweighted mean penalty),
+           mix: Tensor | None = None, gp_target: float = WGAN_TARGET) -> tuple[Tensor, dict[str, Tensor]]:
+    """The D loss (scalar) and detached parts: d_real / d_fake (mean scores), gp (unweighted mean penalty, divided
+    by gp_target^2: `gradient_penalty`),
     drift (unweighted mean D(real)^2). For lsgan, gp and drift are 0; for gp_weight 0 the penalty is skipped
     and reported as 0. `mix`: the penalty's interpolation factors (`gradient_penalty`).
 
@@ -120,8 +126,8 @@ def d_loss(D: Critic, reals: Tensor, fakes: Tensor, alpha, kind: str = "wgan-gp"
     zero = real_scores.new_zeros(())
     if kind == "wgan-gp":
         drift = real_scores.square().mean()
-        gp = (gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=gp_resolution_factor)
-              if gp_weight > 0 else zero)
+        gp = (gradient_penalty(D, reals, fakes, alpha, mix=mix, resolution_factor=gp_resolution_factor,
+                               target=gp_target) if gp_weight > 0 else zero)
         loss = fake_scores.mean() - real_scores.mean() + gp_weight * gp + drift_weight * drift
     else:
         drift = gp = zero

@@ -24,6 +24,7 @@ from progan.errors import ProganError
 from progan.fileio import sha256_file
 from progan.model.networks import Discriminator, Generator, ModelConfig, load_grown
 from progan.train import state
+from progan.train.schedule import stage_lrs
 from progan.train.step import derive_seed
 
 
@@ -83,17 +84,25 @@ def _init_from(path: Path, res: int, cfg: ModelConfig, G, D, G_ema) -> Nets:
 
 
 class Adam(NamedTuple):
-    """The optimizer settings of a stage (train.stages.<R>.lr, train.betas, train.adam_eps)."""
+    """The optimizer settings of a stage (train.stages.<R>.lr: G's, and D's unless `lr_D`; train.betas,
+    train.adam_eps)."""
     lr: float
     betas: tuple[float, float]
     eps: float
+    lr_D: float | None = None
 
     @classmethod
     def from_params(cls, params, res: int) -> "Adam":
-        return cls(params.stage(res).lr, tuple(params.train.betas), params.train.adam_eps)
+        lr_G, lr_D = stage_lrs(params.stage(res).lr)
+        return cls(lr_G, tuple(params.train.betas), params.train.adam_eps, lr_D)
 
-    def make(self, net: torch.nn.Module) -> torch.optim.Adam:
-        return torch.optim.Adam(net.parameters(), lr=self.lr, betas=self.betas, eps=self.eps, fused=True)
+    def make(self, net: torch.nn.Module, lr: float | None = None) -> torch.optim.Adam:
+        return torch.optim.Adam(net.parameters(), lr=self.lr if lr is None else lr, betas=self.betas, eps=self.eps,
+                                fused=True)
+
+    def make_pair(self, G: torch.nn.Module, D: torch.nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+        """(opt_G, opt_D) at their own learning rates."""
+        return self.make(G, self.lr), self.make(D, self.lr if self.lr_D is None else self.lr_D)
 
 
 def carry_optimizer_state(nets: Nets, res: int, opt_G, opt_D) -> None:

@@ -58,16 +58,21 @@ class TickStats:
         self.applied = torch.zeros(len(SKIP_KEYS), device=device)
         self.run = torch.zeros((), device=device)
         self.max_run = torch.zeros((), device=device)
-        self.steps = 0
+        self.d_only = torch.tensor([1.0, 0.0], device=device)   # a D step without its G step (train.d_repeats > 1)
+        self.steps = [0, 0]                                      # D steps, G steps in the tick
 
-    def add(self, step_stats: torch.Tensor) -> None:
+    def add(self, step_stats: torch.Tensor, g_step: bool = True) -> None:
+        """One train_step's stats; `g_step` False: it made no G step (its g_loss and g_skipped are left out)."""
         losses, skipped = step_stats[:len(STAT_KEYS)], step_stats[len(STAT_KEYS):]
         applied = 1.0 - skipped
+        if not g_step:
+            applied = applied * self.d_only.to(applied.dtype)
         self.sums += torch.where(applied[self.step_of] > 0, losses, 0.0)
         self.applied += applied
         self.run = (self.run + 1.0) * skipped.amax()
         torch.maximum(self.max_run, self.run, out=self.max_run)
-        self.steps += 1
+        self.steps[0] += 1
+        self.steps[1] += int(g_step)
 
     def read(self, world: int) -> tuple[dict[str, float], int]:
         """({STAT_KEYS: mean over applied steps (NaN if none), SKIP_KEYS: count}, longest run of skipped steps);
@@ -75,9 +80,9 @@ class TickStats:
         values = dist.all_reduce_mean(torch.cat([self.sums, self.applied, self.max_run[None]]), world).tolist()
         sums, applied, max_run = values[:len(STAT_KEYS)], values[len(STAT_KEYS):-1], int(round(values[-1]))
         out = {k: (s / applied[i] if applied[i] > 0 else math.nan) for k, s, i in zip(STAT_KEYS, sums, _STAT_STEP)}
-        out.update({k: self.steps - int(round(a)) for k, a in zip(SKIP_KEYS, applied)})
+        out.update({k: n - int(round(a)) for k, n, a in zip(SKIP_KEYS, self.steps, applied)})
         return out, max_run
 
     def next_tick(self) -> None:
         self.sums.zero_(), self.applied.zero_(), self.max_run.zero_()
-        self.steps = 0
+        self.steps = [0, 0]

@@ -13,6 +13,8 @@ the stage starts with new optimizers one minibatch earlier (tests/test_schedule.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 TRANSITION = "transition"
@@ -26,21 +28,47 @@ class StageSchedule:
 
     res_px: int
     batch: int                 # global minibatch (all GPUs together)
-    lr: float                  # Adam learning rate for G and D, constant in the stage (official G_lrate_dict /
-                               # D_lrate_dict, no ramp)
+    lr: float                  # Adam learning rate of G (and of D unless lr_D), constant in the stage but for
+                               # train.lr_rampup_kimg (official G_lrate_dict / D_lrate_dict, train.py L96-99, L125-126)
     transition_nimg: int       # images of the fade-in phase (0 at 4x4)
     stabilize_nimg: int        # images of the stabilisation phase
+    lr_D: float | None = None  # D's learning rate when it differs from G's (stage lr {G: .., D: ..})
 
     @classmethod
     def from_params(cls, params, res_px: int) -> "StageSchedule":
         st = params.stage(res_px)
-        return cls(res_px=int(res_px), batch=int(st.batch), lr=float(st.lr),
+        lr_G, lr_D = stage_lrs(st.lr)
+        return cls(res_px=int(res_px), batch=int(st.batch), lr=lr_G, lr_D=lr_D,
                    transition_nimg=int(round(float(st.transition_kimg) * 1000)),
                    stabilize_nimg=int(round(float(st.stabilize_kimg) * 1000)))
 
     @property
+    def lrs(self) -> tuple[float, float]:
+        """(G's, D's) learning rate."""
+        return self.lr, self.lr if self.lr_D is None else self.lr_D
+
+    @property
     def total_nimg(self) -> int:
         return self.transition_nimg + self.stabilize_nimg
+
+
+def stage_lrs(lr) -> tuple[float, float]:
+    """(G's, D's) learning rate of a stage's `lr`: one number for both, or {G: .., D: ..} (official G_lrate /
+    D_lrate: TF train.py L96-99, L125-126; Theano G_learning_rate_max / D_learning_rate_max, config.py@2609d1f
+    L45-46)."""
+    if isinstance(lr, Mapping):
+        return float(lr["G"]), float(lr["D"])
+    return float(lr), float(lr)
+
+
+def lr_rampup(total_kimg: float, rampup_kimg: float) -> float:
+    """The learning-rate factor at `total_kimg` images of the whole run (not of the stage): exp(-5 (1 - t)^2),
+    t = total_kimg / rampup_kimg, up to rampup_kimg, then 1 (Theano misc.py@2609d1f L79-85 rampup, applied to
+    G_ and D_learning_rate_max in train.py L207-210; the TF release has no ramp). rampup_kimg 0: always 1."""
+    if total_kimg >= rampup_kimg:
+        return 1.0
+    p = 1.0 - max(0.0, float(total_kimg)) / float(rampup_kimg)
+    return math.exp(-p * p * 5.0)
 
 
 def phase(s: StageSchedule, cur_nimg: int) -> str:

@@ -58,6 +58,7 @@ class Settings(NamedTuple):
     drift_weight: float            # epsilon_drift
     ema_decay: float               # G_ema <- G + decay * (G_ema - G)
     gp_resolution_factor: float = 1.0   # the penalty's norm is divided by it (loss.penalty_resolution_factor)
+    gp_target: float = 1.0         # the penalty's target norm (official wgan_target; loss.gradient_penalty)
 
 
 class StepInputs(NamedTuple):
@@ -85,11 +86,13 @@ def step_inputs(seed: int, res: int, batch: int, step_nimg: int, x_u8: torch.Ten
 
 
 def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Settings, world: int,
-               autocast=contextlib.nullcontext) -> torch.Tensor:
-    """One D step then one G step (official D_repeats=1) and the EMA update. A step with non-finite gradients is
-    skipped (`step_if_finite`).
+               autocast=contextlib.nullcontext, g_step: bool = True) -> torch.Tensor:
+    """One D step then, with `g_step`, one G step and the EMA update (train.d_repeats k: the loop asks for the G step
+    after every k-th D step, official D_repeats, train.py L228-231; the EMA follows the G step, as Theano
+    train.py@2609d1f L248-251). A step with non-finite gradients is skipped (`step_if_finite`).
 
-    Returns the detached stats [d_loss, g_loss, gp, d_real, d_fake, d_skipped, g_skipped] (STEP_STATS; no host sync).
+    Returns the detached stats [d_loss, g_loss, gp, d_real, d_fake, d_skipped, g_skipped] (STEP_STATS; no host sync);
+    without the G step g_loss and g_skipped are 0 (nonfinite.TickStats.add leaves them out).
     """
     G, D = nets.G, nets.D
     reals, z_d, z_g, mix, alpha = inputs
@@ -107,11 +110,16 @@ def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Setting
         fakes = G(z_d, alpha)
     with autocast():
         loss_D, parts = d_loss(D, reals, fakes, alpha, settings.loss, settings.gp_weight, settings.drift_weight,
-                               settings.gp_resolution_factor, mix=mix)
+                               settings.gp_resolution_factor, mix=mix, gp_target=settings.gp_target)
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     dist.average_gradients(list(D.parameters()), world)
     d_skipped = step_if_finite(opt_D)
+    dtype = torch.promote_types(loss_D.dtype, torch.float32)         # fp32 (fp64 nets in the tests: fp64)
+    if not g_step:
+        zero = torch.zeros((), device=loss_D.device, dtype=dtype)
+        return torch.stack([loss_D.detach().to(dtype), zero, *(parts[k].to(dtype) for k in ("gp", "d_real", "d_fake")),
+                            d_skipped.to(loss_D.device, dtype), zero])
     # G step with fresh latents; D's weights frozen so no D gradients are computed.
     D.requires_grad_(False)
     with autocast():
@@ -121,7 +129,6 @@ def train_step(nets: "Nets", opt_G, opt_D, inputs: StepInputs, settings: Setting
     dist.average_gradients(list(G.parameters()), world)
     g_skipped = step_if_finite(opt_G)
     ema_update(nets.G_ema, G, settings.ema_decay)      # also after a skipped G step, as official Gs_update_op
-    dtype = torch.promote_types(loss_D.dtype, torch.float32)         # fp32 (fp64 nets in the tests: fp64)
     return torch.stack([loss_D.detach(), loss_G.detach(), *(parts[k] for k in ("gp", "d_real", "d_fake")),
                         d_skipped.to(loss_D.device), g_skipped.to(loss_D.device)]).to(dtype)
 
