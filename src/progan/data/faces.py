@@ -202,22 +202,19 @@ def make_detector(name: str, min_face_px: int) -> Detector | None:
 
 def _detect_capped(detector: Detector, images: list[np.ndarray]) -> list[list]:
     """Detect; images over DETECT_MAX_SIDE_PX are detected on a downscaled copy, coordinates scaled back. The
-    images go to the detector DETECT_BATCH_PIXELS px at a time (an image's faces do not depend on its batch)."""
-    small, factors = [], []
-    for im in images:
-        f = min(1.0, DETECT_MAX_SIDE_PX / max(im.shape[:2]))
-        if f < 1.0:
-            size = (max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f)))
-            im = np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX))
-        small.append(im)
-        factors.append(f)
+    images go to the detector DETECT_BATCH_PIXELS px at a time (an image's faces do not depend on its batch),
+    each chunk's copies made just before its call."""
+    factors = [min(1.0, DETECT_MAX_SIDE_PX / max(im.shape[:2])) for im in images]
+    sizes = [(max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f))) if f < 1.0 else im.shape[1::-1]
+             for im, f in zip(images, factors)]
     results, start = [], 0
-    while start < len(small):
-        end, px = start, 0
-        while end < len(small) and (end == start or px + small[end].shape[0] * small[end].shape[1] <= DETECT_BATCH_PIXELS):
-            px += small[end].shape[0] * small[end].shape[1]
+    while start < len(images):
+        end, px = start + 1, sizes[start][0] * sizes[start][1]
+        while end < len(images) and px + sizes[end][0] * sizes[end][1] <= DETECT_BATCH_PIXELS:
+            px += sizes[end][0] * sizes[end][1]
             end += 1
-        results += detector(small[start:end])
+        results += detector([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX)) if f < 1.0 else im
+                             for im, f, size in zip(images[start:end], factors[start:end], sizes[start:end])])
         start = end
     for faces, f in zip(results, factors):
         for face in faces if f < 1.0 else ():
