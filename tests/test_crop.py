@@ -474,3 +474,19 @@ def test_readahead_stops_cleanly_on_an_error():
     assert next(gen) == [0]
     with pytest.raises(RuntimeError, match="boom"):
         list(gen)
+
+
+@pytest.mark.timeout(120)
+def test_a_tiny_decode_budget_changes_nothing_but_the_batches(tmp_path, monkeypatch):
+    """With a 1-byte budget every image is its own batch (each one alone over the budget): same manifest, same
+    crops as the default, and no deadlock."""
+    files = CELEBA[:6] + [tmp_path / "missing.jpg"]
+    runs = []
+    for budget in (faces.DECODE_BUDGET_BYTES, 1):
+        monkeypatch.setattr(faces, "DECODE_BUDGET_BYTES", budget)
+        root = tmp_path / str(budget)
+        root.mkdir()
+        faces.run(_project(root, files, crop__detector="center", crop__min_kept_fraction=0.5))
+        runs.append(((root / "data/faces/manifest.csv").read_bytes(),
+                     [p.read_bytes() for p in sorted((root / "data/faces/images").iterdir())]))
+    assert runs[0] == runs[1] and len(runs[0][1]) == 6

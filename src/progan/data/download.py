@@ -156,11 +156,6 @@ def _image_magic(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def is_image(path: Path) -> bool:
-    """By extension, else by the first bytes (JPEG, PNG, GIF, BMP, TIFF, WebP)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS or _image_magic(_head(path, 12))
-
-
 def usable(path: Path, content_type: str = "") -> str | None:
     """Why a downloaded file cannot be a url / celeba source, from its bytes (not its name): None for a zip or tar
     archive (any compression) or an image; 'truncated ...' for an archive cut short; else what it looks like."""
@@ -199,7 +194,7 @@ def unpack(download: Path, images_dir: Path, *, max_total_bytes: int) -> list[Pa
         why = usable(download)
         if why is None:
             return [download]
-        raise ProganError(f"{download}: {why}; check data.url")
+        raise ProganError(f"{download}: {why}; check data.url (the next run fetches it anew)")
     marker = read_state(images_dir / UNPACKED_MARKER)
     if marker.get("archive") == _stamp(download):
         files = list_images(images_dir)
