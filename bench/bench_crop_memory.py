@@ -84,18 +84,18 @@ def run_stage(src: Path, params_path: Path, kill_gb: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     proc = subprocess.Popen([sys.executable, "-c", STAGE, str(params_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    killed = threading.Event()
+    killed, done = threading.Event(), threading.Event()
 
-    def watchdog():
-        while proc.poll() is None:
+    def watchdog():                              # reads /proc only: the child is reaped by wait4 below, not here
+        while not done.wait(0.05):
             if _rss_gb(proc.pid) > kill_gb:
                 killed.set()
-                proc.kill()
-            time.sleep(0.05)
+                os.kill(proc.pid, 9)
 
     threading.Thread(target=watchdog, daemon=True).start()
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     result = {"peak_gb": round(usage.ru_maxrss / 2**20, 2), "killed": killed.is_set(), "rc": proc.returncode}
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)

@@ -59,9 +59,10 @@ FACE_PER_EYE_DIST = 2.1                   # face_px = max(2.1 * eye distance, 2.
 FACE_PER_EYE_MOUTH = 2.0
 CENTRE_EYE_TO_MOUTH = 0.25                # crop centre = eye midpoint + 0.25 * (mouth midpoint - eye midpoint)
 DETECT_MAX_SIDE_PX = 2048                 # larger images are detected on an area-downscaled copy (memory)
-# px per MTCNN call: ~43 bytes of detector memory per px on the CPU (0.18 GB per 2048x2048 image, measured); 16 Mpx is
-# 3 images of 2048 px, 432 CelebA images, all 32 of a batch of the 43 test photos (9.9 Mpx: their detections unchanged)
-DETECT_BATCH_PIXELS = 16 << 20
+# px per MTCNN call: ~43 bytes of detector memory per px on the CPU (0.18 GB per 2048x2048 image, measured): two images
+# of 2048 px, 309 CelebA images, or all 32 of the first batch of the 43 test photos (9.9 Mpx): their crops unchanged
+# (split at 8 Mpx, one of their 29 crops changed in the last bits of its landmarks, as batch composition does)
+DETECT_BATCH_PIXELS = 12_000_000
 DECODE_WORKERS = 4                        # decoder threads (Pillow releases the GIL while decoding)
 DECODE_BUDGET_BYTES = 384 << 20           # decoded pixels held at once: read ahead plus the batch being detected
 # On CPU the detector gets half the cores for torch's intra-op threads, the decoders the rest: on the shared
