@@ -462,6 +462,7 @@ def test_silent_server_times_out_within_the_speed_window(tmp_path, server):
     assert time.monotonic() - t < 10
 
 
+@pytest.mark.timeout(60)
 def test_truncated_zip_is_not_kept_and_the_good_one_is_fetched_next(tmp_path, monkeypatch, server, faces_zip):
     """A server with a cut zip (whole per its Content-Length): 'truncated', nothing kept as done; once the server
     has the good file the same command downloads and lists it."""
@@ -478,6 +479,7 @@ def test_truncated_zip_is_not_kept_and_the_good_one_is_fetched_next(tmp_path, mo
     assert (tmp_path / download.DOWNLOADS_DIR / "faces.zip").read_bytes() == body
 
 
+@pytest.mark.timeout(60)
 def test_a_download_that_does_not_unpack_is_fetched_again(tmp_path, monkeypatch, server, faces_zip):
     """An archive refused at unpacking (here: no images) loses its 'downloaded' state: the next run asks the
     server again instead of saying 'already downloaded' and failing the same way."""
@@ -494,6 +496,7 @@ def test_a_download_that_does_not_unpack_is_fetched_again(tmp_path, monkeypatch,
     assert len(server.requests) == 2
 
 
+@pytest.mark.timeout(60)
 def test_unpacked_counts_only_once_listed_and_while_whole(tmp_path, monkeypatch, faces_zip, sources):
     monkeypatch.chdir(tmp_path)
     p = make_params(tmp_path, source="url", url=faces_zip.as_uri())
@@ -526,6 +529,7 @@ def _cp437_zip(path: Path, sources) -> None:
     path.write_bytes(buf.getvalue().replace(b"img/cafX.jpg", b"img/caf\x82.jpg"))
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("build, on_disk, listed", [
     (_latin1_tar, b"img/caf\xe9.jpg", "img/caf%E9.jpg"),
     (_cp437_zip, "img/café.jpg".encode(), "img/café.jpg"),

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _memory_keys(args, params) -> str:
-    """'lower train.stages.4.batch (now 1000000000000), model.latent_dim (now 512) ... in params.yaml and run it again'."""
+    """'the sizes it takes from params.yaml: train.stages.4.batch (now 128), model.latent_dim (now 512), ...; lower
+    them (or free memory) and run it again' for the stage that ran out of memory."""
     keys = [k.format(res=getattr(args, "res", "")) for k in MEMORY_KEYS.get(args.command, ())]
     if params is None or not keys:
         return "free some memory and run the same command again"
