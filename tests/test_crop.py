@@ -413,7 +413,18 @@ def test_small_face_in_a_huge_photo_is_cropped_from_a_finer_decode(tmp_path, mon
     assert calls == [None, 2]
 
 
-def test_detection_is_split_by_pixels_without_changing_a_face(monkeypatch):
+@pytest.fixture
+def one_torch_thread():
+    """As the stage on 2 cores (faces.TORCH_CPU_SHARE): 2 threads spin-wait, 5x slower with other jobs running."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_detection_is_split_by_pixels_without_changing_a_face(monkeypatch, one_torch_thread):
     from progan.data.mtcnn import MTCNN
 
     detect = MTCNN(device="cpu").detect
