@@ -6,6 +6,9 @@ downloaded) and run through the real CLI (`progan.cli.main`, in-process) on a co
   not listed       exit 0; `progan download` does not list the file, so the crop manifest has no row for it
   exit 1           one line on stderr naming the file or key and what to do
 
+Each case has a deadline (pytest-timeout): an input that would hang (a trickling server, a named pipe, a YAML
+alias bomb) fails its case, not the whole run.
+
 Every case also checks that nothing is lost: each file and folder the project held before the bad run
 (data/raw, data/faces, data/pyramid, results/4, the source images, the bad input itself) is byte-identical unless
 the outcome is to replace it (a successful crop replaces data/faces as a whole), nothing appears that the case
@@ -45,13 +48,15 @@ from PIL import Image
 
 from helpers import CELEBA_DIR, set_key, tiny_params, tool_env
 from progan import cli
+from progan.data import transfer
 from progan.errors import ProganError
 from test_download import JPEG, server, tar_with, zip_with  # noqa: F401  (server: real http.server on 127.0.0.1)
 from test_train import NO_MLFLOW, one_thread
 
 # Pillow's warnings are not errors here: images.py filters the bomb warning process-wide (pytest resets filters
 # per test), and a corrupt EXIF block is reported by Pillow as a UserWarning while the image itself is kept.
-pytestmark = [pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
               pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")]
 
 CELEBA = sorted(CELEBA_DIR.glob("*.jpg"))
@@ -281,13 +286,62 @@ def _zip_no_images(path):
         zf.writestr("README.txt", "no pictures here\n")
 
 
-def http(path: str, body: bytes | Callable[[], bytes] = _faces_zip, stop_after_bytes=None, **data) -> Callable:
-    """make(): the 127.0.0.1 server serves `body` at `path`; data.url points there; data.* keys as given."""
+def http(path: str, body: bytes | Callable[[], bytes] = _faces_zip, stop_after_bytes=None, content_type=None,
+         trickle_s=None, **data) -> Callable:
+    """make(): the 127.0.0.1 server serves `body` at `path` (with that Content-Type, one byte every `trickle_s`);
+    data.url points there; data.* keys as given."""
     def make(ws, ctx):
         ctx.server.files[path] = body() if callable(body) else body
-        ctx.server.stop_after_bytes = stop_after_bytes
+        ctx.server.stop_after_bytes, ctx.server.trickle_s = stop_after_bytes, trickle_s
+        if content_type:
+            ctx.server.types[path] = content_type
         ctx.params["data"].update(source="url", url=ctx.server.url + path, **data)
     return make
+
+
+def _slow_floor(make: Callable) -> Callable:
+    """make(), with the speed floor at 1000 B/s over 1 s (the defaults, 1024 B/s over 60 s, would take a minute)."""
+    def slow(ws, ctx):
+        ctx.monkeypatch.setattr(transfer, "SPEED_FLOOR_BYTES_PER_S", 1000)
+        ctx.monkeypatch.setattr(transfer, "SPEED_WINDOW_S", 1.0)
+        make(ws, ctx)
+    return slow
+
+
+def _redirect_loop(ws, ctx):
+    ctx.server.redirects["/loop.zip"] = "/loop.zip"
+    ctx.params["data"].update(source="url", url=ctx.server.url + "/loop.zip")
+
+
+def _url_to_fifo(ws, ctx):
+    fifo = ctx.src / "faces.zip"
+    os.mkfifo(fifo)                                           # a plain open() for reading blocks until a writer
+    ctx.params["data"].update(source="url", url=fifo.as_uri())
+
+
+def _rerun_gets_the_good_file(ws, ctx):
+    """After the refusal nothing is kept as done: once the server has the good zip, the same command lists it."""
+    _bad_download_deleted(ws, ctx)
+    ctx.server.files["/faces.zip"] = _faces_zip()
+    cwd = os.getcwd()
+    try:
+        assert cli.main(["download", "--params", str(ws / "params.yaml")]) == 0
+    finally:
+        os.chdir(cwd)
+    assert (ws / "data/raw/images.tsv").read_text().count("data/raw/images/img/") == 2
+
+
+def _zip_flagged_utf8_with_latin1(path):
+    """A member name with the Latin-1 byte 0xE9 although general purpose bit 11 says the name is UTF-8."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("img/caf\u00e9.jpg", JPEG)              # non-ASCII: zipfile sets the UTF-8 flag
+    path.write_bytes(buf.getvalue().replace("caf\u00e9".encode(), b"caf\xe9s"))
+
+
+def _latin1(name: bytes) -> str:
+    """A file name holding bytes that are not UTF-8, as os.listdir returns it (surrogates); written as those bytes."""
+    return os.fsdecode(name)
 
 
 def _nothing_listens(ws, ctx):
@@ -318,10 +372,28 @@ def edit(fn: Callable[[dict], None]) -> Callable:
     return make
 
 
-def params_text(text: str | None) -> Callable:
+def params_text(text: str | bytes | None) -> Callable:
     def make(ws, ctx):
         ctx.params = text                                       # written as is; None: no params.yaml at all
     return make
+
+
+def params_rewrite(fn: Callable[[str], str | bytes]) -> Callable:
+    """make(): params.yaml is fn(the good params.yaml's text), written as is."""
+    def make(ws, ctx):
+        ctx.params = fn(yaml.safe_dump(ctx.params, sort_keys=False))
+    return make
+
+
+def _seed(value: str) -> Callable[[str], str]:
+    return lambda text: re.sub(r"(?m)^seed: .*$", lambda _: f"seed: {value}", text)
+
+
+def _alias_bomb() -> str:
+    """Billion laughs in flow style: 9 lists of 9 aliases of the list before, 9^9 'lol' once expanded (~0.5 KB)."""
+    levels = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&l{k} [" + ", ".join([f"*l{k - 1}"] * 9) + "]" for k in range(1, 9)]
+    return "[" + ", ".join(levels) + "]"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -356,6 +428,24 @@ def _edited(**keys):
     def change(target, real, ctx):
         ck = torch.load(real, weights_only=True)
         ck.update(keys)
+        torch.save(ck, target)
+    return change
+
+
+def _nan_in(net: str):
+    """change(): the real checkpoint with one weight of `net`'s first floating tensor set to NaN."""
+    def change(target, real, ctx):
+        ck = torch.load(real, weights_only=True)
+        name = next(k for k, v in ck[net].items() if v.is_floating_point())
+        ck[net][name].view(-1)[0] = float("nan")
+        torch.save(ck, target)
+    return change
+
+
+def _model_edited(**fields):
+    def change(target, real, ctx):
+        ck = torch.load(real, weights_only=True)
+        ck["model"] = {**ck["model"], **fields}
         torch.save(ck, target)
     return change
 
@@ -484,9 +574,15 @@ def _build_cases() -> list[Case]:
               after_download=lambda ws: (ws / "in/gone.jpg").unlink()),
         _case("dangling-symlink", Unlisted("dangling.jpg"),
               image("dangling.jpg", lambda p: p.symlink_to(p.parent / "nope"))),
-        _case("newline-in-name", Unlisted("two\nlines.jpg"),
+        _case("newline-in-name", Kept("two%0Alines.jpg"),
               image("two\nlines.jpg", writes(lambda: CELEBA[0].read_bytes())),
-              note="would break the TSV list"),
+              note="listed %-escaped in images.tsv and manifest.csv (a raw newline would break the TSV)"),
+        _case("latin1-name", Kept("caf%E9.jpg", _upright), image(_latin1(b"caf\xe9.jpg"), writes(CELEBA[0].read_bytes)),
+              note="real bytes caf\\xe9.jpg on disk (not UTF-8); listed %-escaped in images.tsv and manifest.csv"),
+        _case("latin1-folder", Kept("Fotos-K\u00f6ln/%F6.jpg"),
+              lambda ws, ctx: ((d := ws / "in" / "Fotos-K\u00f6ln").mkdir(),
+                               (d / _latin1(b"\xf6.jpg")).write_bytes(CELEBA[0].read_bytes())),
+              note="a UTF-8 folder name stays as it is"),
         _case("unreadable-permissions", Skipped("unreadable.jpg", "permission denied"), _perm_case_make,
               note="chmod 000; as root the run drops every capability (setpriv)"),
         _case("celeba-box-on-other-size", Skipped("square.png", "not a 178x218 aligned CelebA image (got 250x250)"),
@@ -543,9 +639,12 @@ def _build_cases() -> list[Case]:
               ("tar-gz-bomb", "k.tar.gz", _tar_bomb, ("k.tar.gz: would unpack to 8.0 MiB, over the limit of 4.0 "
                "MiB (decompression bomb guard; raise data.max_download_mb if the archive is genuine)",)),
               ("zip-member-bad-crc", "l.zip", _zip_bad_crc, "l.zip: corrupt archive (Bad CRC-32 for file 'img/a.jpg'); "
-               "delete it and run again"),
+               "the download was deleted: run the same command again to fetch it anew"),
               ("zip-truncated", "m.zip", lambda p: p.write_bytes(_faces_zip()[:5000]),
-               "m.zip: neither a zip/tar archive nor an image; check data.url"),
+               ("m.zip: truncated zip archive (its central directory, at the end, is missing); the bad download was "
+                "deleted",)),
+              ("zip-name-flagged-utf8-not-utf8", "o.zip", _zip_flagged_utf8_with_latin1,
+               "o.zip: a member name flagged as UTF-8 is not UTF-8 (byte 0xe9); unpack the archive yourself"),
               ("zip-without-images", "n.zip", _zip_no_images, "n.zip: the archive holds no image files"),
           ]],
         # --- downloads over a real http.server on 127.0.0.1
@@ -569,6 +668,31 @@ def _build_cases() -> list[Case]:
               argv=("download",),
               make=http("/faces.zip", max_download_mb=0.01), server=True,
               may_write=("data/raw/downloads", "data/raw/downloads/.faces.zip.source.json")),
+        _case("download-trickle", Error("download of http://127.0.0.1:", "/faces.zip stalled: under 1000 bytes/s for 1 s",
+                                        "faces.zip.part is kept: run the same command again to resume"),
+              argv=("download",), make=_slow_floor(http("/faces.zip", trickle_s=0.25)), server=True, check=_part_kept,
+              may_write=("data/raw/downloads", "data/raw/downloads/.faces.zip.source.json",
+                         "data/raw/downloads/faces.zip.part"),
+              note="headers, then 1 byte every 0.25 s; here the floor is 1000 B/s over 1 s (default 1024 B/s over 60 s)"),
+        _case("download-redirect-loop", Error("download of http://127.0.0.1:", "/loop.zip failed: redirect loop (HTTP "
+                                              "302 back to a URL already seen, or over 10 redirects); check data.url"),
+              argv=("download",), make=_redirect_loop, server=True, may_write=("data/raw/downloads",)),
+        _case("download-html-at-jpg-url",
+              Error("download of http://127.0.0.1:", "/face.jpg: an HTML page (Content-Type text/html), not an image "
+                    "or a zip/tar archive; the bad download was deleted"), argv=("download",),
+              make=http("/face.jpg", b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n",
+                        content_type="text/html; charset=utf-8"), server=True,
+              check=lambda ws, ctx: not list((ws / "data/raw/downloads").iterdir()),
+              may_write=("data/raw/downloads",), note="refused at download, not listed as an image"),
+        _case("download-truncated-zip-then-good",
+              Error("download of http://127.0.0.1:", "/faces.zip: truncated zip archive (its central directory, at "
+                    "the end, is missing); the bad download was deleted"), argv=("download",),
+              make=http("/faces.zip", lambda: _faces_zip()[:3000]), server=True, check=_rerun_gets_the_good_file,
+              may_write=("data/raw/downloads",), note="then the server has the good zip: the same command lists it"),
+        _case("download-url-is-a-fifo", Error("data.url: ", "/src/faces.zip is a named pipe, not a regular file; point "
+                                              "data.url at the archive or image file itself"),
+              argv=("download",), make=_url_to_fifo, may_write=("data/raw/downloads",),
+              note="a plain open() would wait for a writer forever"),
         # --- params.yaml
         _case("params-typo-key", Error("params.yaml: unknown key crop.min_confidance (allowed here: batch_images, "
                                        "detector, margin, max_image_pixels, min_confidence,"),
@@ -595,6 +719,28 @@ def _build_cases() -> list[Case]:
               edit(lambda p: p["data"].update(source="url", url=None)), argv=("download",)),
         _case("params-invalid-yaml", Error("params.yaml: line 3 is not valid YAML"),
               params_text("seed: 0\ncrop: [1\n")),
+        _case("params-binary-file", Error("params.yaml: a binary file, not YAML text (NUL byte at offset 8); "
+                                          "params.yaml must be YAML text: restore it"),
+              params_text(_png_bytes(Image.new("RGB", (4, 4)))), note="a PNG saved over it"),
+        _case("params-latin1-text", Error("params.yaml: not UTF-8 text (byte 0xf6 at offset 9); params.yaml must be "
+                                          "YAML text"),
+              params_rewrite(lambda t: ("# Fotos K\u00f6ln\n" + t).encode("latin-1"))),
+        _case("params-duplicate-key", Error("params.yaml: duplicate key crop.size (lines ", "); YAML keys must be "
+                                            "unique: keep one"),
+              params_rewrite(lambda t: t.replace("\n  size: 16\n", "\n  size: 16\n  size: 32\n", 1)),
+              note="PyYAML alone keeps the last one silently"),
+        _case("params-alias-bomb", Error("params.yaml: seed[", "] expands to over 1,000,000 nodes and characters "
+                                         "through YAML aliases (an alias bomb?); write the values out"),
+              params_rewrite(_seed(_alias_bomb())), note="9^9 values once expanded; refused before anything walks it"),
+        _case("params-self-alias", Error("params.yaml: seed[0][1] is a YAML alias inside its own anchor (line 1): the "
+                                        "value would contain itself; write it out"),
+              params_rewrite(_seed("[&loop [1, *loop]]"))),
+        _case("params-nested-too-deep", Error("params.yaml: line ", " is nested more than 64 levels deep"),
+              params_rewrite(_seed("[" * 200_000 + "]" * 200_000)),
+              note="PyYAML's scanner is quadratic in the depth of [ (minutes for this file)"),
+        _case("params-absurd-batch", Error("params.yaml: train.stages.4.batch must be <= 65536, got 1000000000000"),
+              edit(lambda p: set_key(p, "train.stages.4.batch", 10**12)), argv=("train", "--res", "4"),
+              note="was MemoryError: Unable to allocate 7.28 TiB"),
         _case("params-not-a-mapping", Error("params.yaml: must be a YAML mapping of sections"),
               params_text("- seed\n- crop\n")),
         _case("params-file-missing", Error("params.yaml: no such params file; run from the project folder or pass "
@@ -646,6 +792,18 @@ def _build_cases() -> list[Case]:
               check=_code_did_not_run("evil.pt")),
         _case("export-truncated-checkpoint", Error("cut.pt: checkpoint is truncated or corrupt"),
               checkpoint("cut.pt", _cut(0.7)), argv=("export", "--checkpoint", "{ws}/cut.pt", "--out", "{ws}/G.pt")),
+        _case("checkpoint-nan-weights-generate",
+              Error(f"{CKPT4}: checkpoint tensor G_ema.", " holds 1 non-finite values (NaN or inf) of ",
+                    "the training diverged or the file is damaged; re-run the train stage that writes it"),
+              checkpoint(CKPT4, _nan_in("G_ema")), argv=("generate", "--checkpoint", "{ws}/" + CKPT4, "--out", "{ws}/out"),
+              check=lambda ws, ctx: not (ws / "out").exists(), note="was: all-black PNGs and exit 0"),
+        _case("checkpoint-nan-weights-train", Error(f"{CKPT4}: checkpoint tensor G.", " holds 1 non-finite values"),
+              checkpoint(CKPT4, _nan_in("G")), argv=("train", "--res", "8"), check=_no_stage_8_output),
+        _case("checkpoint-latent-dim-edited",
+              Error("cut.pt: model.latent_dim must be at most 16384 (32x the official 512), got 1000000000"),
+              checkpoint("cut.pt", _model_edited(latent_dim=10**9)),
+              argv=("generate", "--checkpoint", "{ws}/cut.pt", "--out", "{ws}/out"),
+              note="was: MemoryError naming nothing"),
         _case("evaluate-other-version", Error(f"{CKPT4}: checkpoint version 2, this code reads version 1"),
               checkpoint(CKPT4, _edited(version=2)), argv=("evaluate", "--res", "4")),
         # --- damaged intermediate outputs
@@ -748,7 +906,7 @@ def test_bad_input(case: Case, baseline, tmp_path, monkeypatch, capsys, request)
     monkeypatch.chdir(tmp_path)                                  # the CLI changes into the project; restored after
     ws = tmp_path / "project"
     shutil.copytree(baseline, ws, symlinks=True)
-    ctx = SimpleNamespace(src=tmp_path / "src", marker=tmp_path / "pwned",
+    ctx = SimpleNamespace(src=tmp_path / "src", marker=tmp_path / "pwned", monkeypatch=monkeypatch,
                           server=request.getfixturevalue("server") if case.server else None,
                           params=yaml.safe_load((baseline / "params.yaml").read_text()))
     ctx.src.mkdir()
@@ -757,6 +915,8 @@ def test_bad_input(case: Case, baseline, tmp_path, monkeypatch, capsys, request)
     case.make(ws, ctx)
     if ctx.params is None:
         (ws / "params.yaml").unlink()
+    elif isinstance(ctx.params, bytes):
+        (ws / "params.yaml").write_bytes(ctx.params)
     else:
         (ws / "params.yaml").write_text(ctx.params if isinstance(ctx.params, str)
                                         else yaml.safe_dump(ctx.params, sort_keys=False))
@@ -830,6 +990,32 @@ def test_corpus_covers_every_kind_the_issue_names():
     for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "I;16", "F"):
         assert f"mode-{mode}" in ids
     assert {f"exif-orientation-{k}" for k in range(1, 9)} <= ids
+
+
+@pytest.mark.parametrize("command, sizes", [
+    (["pyramid"], "pyramid.chunk_images (now 2048), crop.size (now 16)"),
+    (["train", "--res", "8"], "train.stages.8.batch (now 8), model.latent_dim (now 16), model.fmap_max (now 16)"),
+])
+def test_out_of_memory_in_a_stage_names_its_params_keys(command, sizes, baseline, tmp_path, monkeypatch, capsys):
+    """A MemoryError escaping a stage (numpy's "Unable to allocate ...") is one line naming the params.yaml keys
+    that size that stage's memory, with their values (the stage is replaced by one that raises it)."""
+    import importlib
+
+    from progan import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "project"
+    shutil.copytree(baseline, ws, symlinks=True)
+    detail = "Unable to allocate 7.28 TiB for an array with shape (1000000000000,) and data type int64"
+
+    def stage(params, **kwargs):
+        raise MemoryError(detail)
+
+    monkeypatch.setattr(importlib.import_module(pipeline.STAGES[command[0]].module), "run", stage)
+    rc, _, err = _cli([*command, "--params", str(ws / "params.yaml")], capsys)
+    assert rc == 1 and err.strip().splitlines()[-1] == (
+        f"progan {command[0]}: error: out of memory ({detail}); the sizes it takes from params.yaml: {sizes}; "
+        f"lower them (or free memory) and run it again")
 
 
 def test_debug_shows_the_error_itself(tmp_path, monkeypatch):

@@ -346,3 +346,158 @@ def test_crop_square_samples_the_rotated_square():
     out, outside = faces.crop_square(image, np.array([0.0, 128.0]), np.array([1.0, 0]), np.array([0, 1.0]), 64, 64)
     assert outside == pytest.approx(0.5)
     np.testing.assert_allclose(out[32, :32, 0].astype(float), out[32, 32:, 0][::-1].astype(float), atol=1.5)
+
+
+# ---------------------------------------------------------------- memory bounded by settings (issue #33)
+
+def test_photos_and_celeba_decode_exactly_as_before():
+    """Draft decoding starts at 2 x DETECT_MAX_SIDE_PX (4096 px): the 43 photos (up to ~1 MP) and CelebA are
+    decoded in full, bit for bit as load_rgb, so their detections (tests/test_mtcnn.py) and crops are unchanged."""
+    from progan.data.images import decode
+
+    files = sorted(PHOTOS_DIR.iterdir())
+    files = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg", ".png")] + CELEBA[:5]
+    assert len(files) >= 45
+    for f in files:
+        got = decode(f, keep_px=faces.DETECT_MAX_SIDE_PX)
+        assert got.scale == 1 and np.array_equal(got.image, load_rgb(f)), f
+
+
+def _enlarged(path, factor, folder, quality=95):
+    with Image.open(path) as im:
+        big = im.convert("RGB").resize((im.width * factor, im.height * factor), Image.Resampling.BICUBIC)
+    out = folder / f"{path.stem}_x{factor}.jpg"
+    big.save(out, quality=quality)
+    return out
+
+
+def test_large_jpeg_is_decoded_reduced_with_full_size_coordinates(tmp_path, monkeypatch):
+    """A JPEG 4x over what the detector looks at (DETECT_MAX_SIDE_PX patched to 200 px; CelebA x4 = 712x872) is
+    decoded at 1/4 (draft mode); the manifest has the full size, and box and landmarks in full-image pixels."""
+    from progan.data.images import decode
+
+    big = _enlarged(CELEBA[0], 4, tmp_path)
+    got = decode(big, keep_px=200)
+    assert (got.scale, got.full_wh, got.image.shape) == (4, (712, 872), (218, 178, 3))
+    assert np.abs(got.image.astype(float) - load_rgb(CELEBA[0]).astype(float)).mean() < 6   # a 1/4 DCT decode
+    monkeypatch.setattr(faces, "DETECT_MAX_SIDE_PX", 200)
+    params = _project(tmp_path, [big, CELEBA[0]], size_px=64)
+    faces.run(params)
+    big_row, small_row = _manifest(tmp_path)
+    assert (big_row["width"], big_row["height"], big_row["status"]) == ("712", "872", "kept")
+    box = lambda r: np.array(r["box"].split(), float)
+    np.testing.assert_allclose(box(big_row), 4 * box(small_row), atol=12)       # 3 px at the small image's scale
+    crops = [np.asarray(Image.open(tmp_path / r["out"]), float) for r in (big_row, small_row)]
+    assert np.abs(crops[0] - crops[1]).mean() < 8
+
+
+def test_small_face_in_a_huge_photo_is_cropped_from_a_finer_decode(tmp_path, monkeypatch):
+    """CelebA x2 (356x436 px) with the detector at 100 px: decoded at 1/4 for detection. The face square is ~256
+    full-image px, 64 px at 1/4, under crop.size 128: that one image is decoded again at 1/2 (128 px) for its
+    crop, so it is not upscaled."""
+    from progan.data import images
+
+    calls = []
+    real = images.decode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("scale"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(faces, "decode", spy)
+    monkeypatch.setattr(faces, "DETECT_MAX_SIDE_PX", 100)
+    params = _project(tmp_path, [_enlarged(CELEBA[0], 2, tmp_path)], size_px=128)
+    faces.run(params)
+    row = _manifest(tmp_path)[0]
+    assert row["status"] == "kept" and "upscaled" not in row["reason"], row
+    assert calls == [None, 2]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """As the stage on 2 cores (faces.TORCH_CPU_SHARE): 2 threads spin-wait, 5x slower with other jobs running."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_detection_is_split_by_pixels_without_changing_a_face(monkeypatch, one_torch_thread):
+    from progan.data.mtcnn import MTCNN
+
+    detect = MTCNN(device="cpu").detect
+    images = [load_rgb(f) for f in CELEBA[:5]]
+    whole = faces._detect_capped(detect, images)
+    calls = []
+    monkeypatch.setattr(faces, "DETECT_BATCH_PIXELS", 2 * 178 * 218)
+    split = faces._detect_capped(lambda ims: calls.append(len(ims)) or detect(ims), images)
+    assert calls == [2, 2, 1]
+    for a, b in zip(whole, split):          # as tests/test_mtcnn.py's batch independence: float rounding only
+        assert len(a) == len(b) >= 1
+        for fa, fb in zip(a, b):
+            np.testing.assert_allclose(fa.box, fb.box, atol=1e-3)
+            np.testing.assert_allclose(fa.landmarks, fb.landmarks, atol=1e-3)
+            assert fa.score == pytest.approx(fb.score, abs=1e-5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sizes, budget, batch, want", [
+    ([10] * 7, 1000, 3, [[0, 1, 2], [3, 4, 5], [6]]),           # everything fits: batches of `batch`
+    ([40] * 7, 100, 4, [[0, 1], [2, 3], [4, 5], [6]]),          # 2 images fill the budget: batches cut short
+    ([10, 500, 10, 10], 100, 4, [[0], [1], [2, 3]]),            # one image over the whole budget goes alone
+], ids=["fits", "cut", "oversized"])
+def test_readahead_holds_at_most_the_budget_in_order(sizes, budget, batch, want):
+    import threading
+
+    from progan.data import readahead
+
+    lock, held, peak = threading.Lock(), [0], [0]
+
+    def decode(i, ticket):
+        ticket.reserve(sizes[i])
+        with lock:
+            held[0] += sizes[i]
+            peak[0] = max(peak[0], held[0])
+        return i
+
+    got = []
+    for out in readahead.batches(list(range(len(sizes))), decode, batch, budget, workers=4):
+        got.append(out)
+        with lock:
+            held[0] -= sum(sizes[i] for i in out)     # the caller is done with them when the generator resumes
+    assert got == want
+    assert peak[0] <= max(budget, max(sizes))
+
+
+@pytest.mark.timeout(60)
+def test_readahead_stops_cleanly_on_an_error():
+    from progan.data import readahead
+
+    def decode(i, ticket):
+        ticket.reserve(60)
+        if i == 3:
+            raise RuntimeError("boom")
+        return i
+
+    gen = readahead.batches(list(range(20)), decode, 2, 100, workers=4)
+    assert next(gen) == [0]
+    with pytest.raises(RuntimeError, match="boom"):
+        list(gen)
+
+
+@pytest.mark.timeout(120)
+def test_a_tiny_decode_budget_changes_nothing_but_the_batches(tmp_path, monkeypatch):
+    """With a 1-byte budget every image is its own batch (each one alone over the budget): same manifest, same
+    crops as the default, and no deadlock."""
+    files = CELEBA[:6] + [tmp_path / "missing.jpg"]
+    runs = []
+    for budget in (faces.DECODE_BUDGET_BYTES, 1):
+        monkeypatch.setattr(faces, "DECODE_BUDGET_BYTES", budget)
+        root = tmp_path / str(budget)
+        root.mkdir()
+        faces.run(_project(root, files, crop__detector="center", crop__min_kept_fraction=0.5))
+        runs.append(((root / "data/faces/manifest.csv").read_bytes(),
+                     [p.read_bytes() for p in sorted((root / "data/faces/images").iterdir())]))
+    assert runs[0] == runs[1] and len(runs[0][1]) == 6

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
 import stat
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +20,7 @@ import yaml
 
 from progan import params as params_mod
 from progan import paths
-from progan.data import archive, download
+from progan.data import archive, download, transfer
 from progan.errors import ProganError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,11 +46,19 @@ def read_list(root: Path) -> list[tuple[str, int]]:
 
 class RangeHandler(BaseHTTPRequestHandler):
     """Serves server.files; honours `Range: bytes=N-` unless server.ignore_range; server.stop_after_bytes
-    (one shot) closes the connection after that many body bytes, as a dropped transfer does."""
+    (one shot) closes the connection after that many body bytes, as a dropped transfer does. server.types[path]:
+    its Content-Type; server.redirects[path]: a 302 to that path; server.trickle_s: the body one byte every that
+    many seconds (a server that keeps a connection alive without sending anything useful)."""
 
     def do_GET(self):
         srv = self.server
         srv.requests.append(dict(self.headers))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = srv.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -69,12 +79,27 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("ETag", '"v1"')
+        if self.path in srv.types:
+            self.send_header("Content-Type", srv.types[self.path])
         self.end_headers()
         data = body[start:]
         if srv.stop_after_bytes is not None:
             data, srv.stop_after_bytes = data[:srv.stop_after_bytes], None
+        if srv.trickle_s:
+            self._trickle(data, srv.trickle_s)
+            return
         self.wfile.write(data)
         self.wfile.flush()
+
+    def _trickle(self, data: bytes, every_s: float):
+        for k in range(len(data)):
+            if self.server.closing.wait(every_s):
+                return
+            try:
+                self.wfile.write(data[k:k + 1])
+                self.wfile.flush()
+            except OSError:                      # the client gave up
+                return
 
     def log_message(self, *args):
         pass
@@ -85,12 +110,14 @@ def serving(handler=None):
     """A real http.server on 127.0.0.1 (a free port) in a thread: `srv.files[path] = bytes` to serve them."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler or RangeHandler)
     srv.files, srv.requests, srv.ignore_range, srv.stop_after_bytes = {}, [], False, None
+    srv.types, srv.redirects, srv.trickle_s, srv.closing = {}, {}, None, threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
         yield srv
     finally:
+        srv.closing.set()                        # a trickling handler stops
         srv.shutdown()
         srv.server_close()
 
@@ -395,3 +422,137 @@ def test_safe_parts():
     for name in ("..\\evil.jpg", "C:/evil.jpg", "\\evil.jpg", "a/b/../../.."):
         with pytest.raises(ProganError):
             archive.safe_parts(name, "x")
+
+
+# ---------------------------------------------------------------- no hang, no failure that sticks (issue #33)
+
+def test_speed_floor_defaults_are_curl_like():
+    """curl --speed-limit 1024 --speed-time 60: the floor under which a transfer is given up."""
+    assert (transfer.SPEED_FLOOR_BYTES_PER_S, transfer.SPEED_WINDOW_S) == (1024, 60.0)
+
+
+@pytest.mark.timeout(60)
+def test_trickle_is_stopped_by_the_speed_floor_and_resumes(tmp_path, server, faces_zip):
+    """Headers, then one byte every 0.2 s: each read returns (a per-read timeout never fires), the speed floor
+    (100 B/s over 1 s here) stops it with one line, the .part is kept and the next run resumes from it."""
+    body = faces_zip.read_bytes()
+    server.files["/faces.zip"] = body
+    server.trickle_s = 0.2
+    dest = tmp_path / "faces.zip"
+    t = time.monotonic()
+    with pytest.raises(ProganError, match=r"faces.zip stalled: under 100 bytes/s for 1 s \(\d+ bytes so far\); "
+                                          r".*faces.zip.part is kept: run the same command again to resume$"):
+        transfer.fetch(f"{server.url}/faces.zip", dest, max_bytes=1 << 30, speed_floor=100, speed_window_s=1.0)
+    assert time.monotonic() - t < 10
+    got = dest.with_name("faces.zip.part").read_bytes()
+    assert 1 <= len(got) < 50 and body.startswith(got)
+    server.trickle_s = None
+    transfer.fetch(f"{server.url}/faces.zip", dest, max_bytes=1 << 30, speed_floor=100, speed_window_s=1.0)
+    assert dest.read_bytes() == body and server.requests[-1]["Range"] == f"bytes={len(got)}-"
+
+
+@pytest.mark.timeout(60)
+def test_silent_server_times_out_within_the_speed_window(tmp_path, server):
+    """Headers and then nothing: the socket timeout is the speed window (1 s here), not 60 s per read."""
+    server.files["/x.zip"] = b"PK" * 100
+    server.trickle_s = 100.0
+    t = time.monotonic()
+    with pytest.raises(ProganError, match=r"x.zip stopped at 0 bytes \(timed out\); .* is kept"):
+        transfer.fetch(f"{server.url}/x.zip", tmp_path / "x.zip", max_bytes=1 << 20, speed_window_s=1.0)
+    assert time.monotonic() - t < 10
+
+
+@pytest.mark.timeout(60)
+def test_truncated_zip_is_not_kept_and_the_good_one_is_fetched_next(tmp_path, monkeypatch, server, faces_zip):
+    """A server with a cut zip (whole per its Content-Length): 'truncated', nothing kept as done; once the server
+    has the good file the same command downloads and lists it."""
+    monkeypatch.chdir(tmp_path)
+    body = faces_zip.read_bytes()
+    server.files["/faces.zip"] = body[: len(body) // 2]
+    p = make_params(tmp_path, source="url", url=f"{server.url}/faces.zip")
+    with pytest.raises(ProganError, match=r"faces.zip: truncated zip archive \(its central directory, at the end, "
+                                          r"is missing\); the bad download was deleted"):
+        download.run(p)
+    assert list((tmp_path / download.DOWNLOADS_DIR).iterdir()) == []
+    server.files["/faces.zip"] = body
+    assert download.run(p) == N_IMAGES
+    assert (tmp_path / download.DOWNLOADS_DIR / "faces.zip").read_bytes() == body
+
+
+@pytest.mark.timeout(60)
+def test_a_download_that_does_not_unpack_is_fetched_again(tmp_path, monkeypatch, server, faces_zip):
+    """An archive refused at unpacking (here: no images) loses its 'downloaded' state: the next run asks the
+    server again instead of saying 'already downloaded' and failing the same way."""
+    monkeypatch.chdir(tmp_path)
+    no_images = io.BytesIO()
+    with zipfile.ZipFile(no_images, "w") as zf:
+        zf.writestr("README.txt", "later")
+    server.files["/faces.zip"] = no_images.getvalue()
+    p = make_params(tmp_path, source="url", url=f"{server.url}/faces.zip")
+    with pytest.raises(ProganError, match="the archive holds no image files"):
+        download.run(p)
+    server.files["/faces.zip"] = faces_zip.read_bytes()
+    assert download.run(p) == N_IMAGES
+    assert len(server.requests) == 2
+
+
+@pytest.mark.timeout(60)
+def test_unpacked_counts_only_once_listed_and_while_whole(tmp_path, monkeypatch, faces_zip, sources):
+    monkeypatch.chdir(tmp_path)
+    p = make_params(tmp_path, source="url", url=faces_zip.as_uri())
+    tsv = tmp_path / paths.IMAGES_LIST
+    tsv.mkdir(parents=True)                                   # the list cannot be written after the extraction
+    with pytest.raises(OSError):
+        download.run(p)
+    marker = tmp_path / download.IMAGES_DIR / download.UNPACKED_MARKER
+    assert (tmp_path / download.IMAGES_DIR).is_dir() and not marker.exists()
+    tsv.rmdir()
+    assert download.run(p) == N_IMAGES and marker.exists()
+    gone = tmp_path / download.IMAGES_DIR / "img_align_celeba" / sources[0].name
+    gone.unlink()                                             # the unpacked tree lost a file: unpacked again
+    assert download.run(p) == N_IMAGES and gone.read_bytes() == sources[0].read_bytes()
+
+
+def _latin1_tar(path: Path, sources) -> None:
+    """A tar whose member name holds the Latin-1 byte 0xE9 (not UTF-8), as old archives do."""
+    with tarfile.open(path, "w", encoding="utf-8", errors="surrogateescape") as tf:
+        for name, f in ((os.fsdecode(b"img/caf\xe9.jpg"), sources[0]), ("img/plain.jpg", sources[1])):
+            tf.add(f, name)
+
+
+def _cp437_zip(path: Path, sources) -> None:
+    """A zip whose member name is the byte 0x82 without the UTF-8 flag (a DOS/Windows zip: cp437, 'é')."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.write(sources[0], "img/cafX.jpg")
+        zf.write(sources[1], "img/plain.jpg")
+    path.write_bytes(buf.getvalue().replace(b"img/cafX.jpg", b"img/caf\x82.jpg"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("build, on_disk, listed", [
+    (_latin1_tar, b"img/caf\xe9.jpg", "img/caf%E9.jpg"),
+    (_cp437_zip, "img/café.jpg".encode(), "img/café.jpg"),
+], ids=["tar-latin1", "zip-cp437"])
+def test_names_that_are_not_utf8_go_through_download_and_crop(tmp_path, monkeypatch, sources, build, on_disk,
+                                                              listed):
+    """Real bytes in the archive: the file lands under that name, images.tsv lists it %-escaped (valid UTF-8),
+    and the crop reads it back from that text and names it the same way in manifest.csv."""
+    from progan.data import faces
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "src.archive"
+    build(src, sources)
+    p = make_params(tmp_path, source="url", url=src.as_uri())
+    assert download.run(p) == 2
+    assert (tmp_path / os.fsdecode(download.IMAGES_DIR.encode() + b"/" + on_disk)).read_bytes() \
+        == sources[0].read_bytes()
+    name = f"{download.IMAGES_DIR}/{listed}"
+    assert name in [r[0] for r in read_list(tmp_path)]
+    cfg = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    cfg["crop"].update(detector="center", size=16)
+    cfg["train"]["stages"] = {r: cfg["train"]["stages"][r] for r in ("4", "8", "16")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    faces.run(params_mod.load(tmp_path / "params.yaml"))
+    manifest = (tmp_path / paths.FACES_MANIFEST).read_text(encoding="utf-8")
+    assert f"{name}," in manifest and manifest.count(",kept,") == 2

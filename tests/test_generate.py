@@ -325,3 +325,58 @@ def test_pickle_refusal_does_not_run_code(tmp_path, monkeypatch):
     assert not marker.exists()
     # torch's "Detected pickle protocol 4 ..." UserWarning is not passed on: the one error line says it all
     assert [str(w.message) for w in seen if "pickle protocol" in str(w.message)] == []
+
+
+# ----------------------------------------------------------------------------- huge inputs (issue #33)
+
+def test_latent_batches_are_seed_latents_in_pieces():
+    parts = list(api.latent_batches(5, 10, 16, 4))
+    assert [len(p) for p in parts] == [4, 4, 2] and torch.equal(torch.cat(parts), api.seed_latents(5, 10, 16))
+
+
+@pytest.mark.timeout(120)
+def test_generate_streams_latents_for_a_huge_n(ckpts, tmp_path, capsys, monkeypatch):
+    """--n 100000000: latents are drawn one batch at a time, so PNGs are written at once (all 10^8 latents up
+    front were 3.4 GB and no file after 25 s). A Ctrl-C after 6 files stops it; they are the API's images."""
+    from progan import generate as gen_mod
+
+    written, real = [], gen_mod.write_png
+
+    def write_png(path, image):
+        if len(written) == 6:
+            raise KeyboardInterrupt
+        real(path, image)
+        written.append(path)
+
+    monkeypatch.setattr(gen_mod, "write_png", write_png)
+    rc, _, err = run_cli(["generate", "--checkpoint", str(ckpts[4]), "--n", "100000000", "--batch", "4",
+                          "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert rc == 130 and "interrupted" in err
+    got = np.stack([np.asarray(Image.open(p)) for p in written])
+    assert np.array_equal(got, progan.load_generator(ckpts[4]).sample(6, seed=0, batch=4))
+
+
+def test_grid_of_too_many_images_is_refused_before_any_work(ckpts, tmp_path, capsys):
+    rc, _, err = run_cli(["generate", "--checkpoint", str(ckpts[64]), "--n", "20000", "--grid",
+                          "--out", str(tmp_path / "o")], capsys)
+    assert rc == 1 and err.strip() == ("progan generate: error: --grid with --n 20000 would be a 9088 px wide "
+                                       "picture holding every image; use --grid with --n 16384 or less at 64 px, "
+                                       "or leave --grid out")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_of_memory_is_one_line_naming_the_checkpoint(ckpts, tmp_path, capsys, monkeypatch):
+    """torch's CPU allocator failure (a RuntimeError) and numpy's MemoryError: one line naming the file and --batch."""
+    for err in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+                MemoryError("Unable to allocate 7.28 TiB for an array with shape (1000000000000,) and data type int64")):
+        def fail(*args, _err=err, **kwargs):
+            raise _err
+        monkeypatch.setattr(api, "load_generator", fail)
+        rc, _, out = run_cli(["generate", "--checkpoint", str(ckpts[4]), "--out", str(tmp_path / "o"), "--batch",
+                              "8"], capsys)
+        detail = ("you tried to allocate 4000000000000 bytes" if isinstance(err, RuntimeError) else
+                  "Unable to allocate 7.28 TiB for an array with shape (1000000000000,) and data type int64")
+        assert rc == 1 and out.strip() == (f"progan generate: error: out of memory ({detail}) with --checkpoint "
+                                           f"{ckpts[4]} and --batch 8; lower --batch (or free memory), and check "
+                                           f"that file's 'model' settings")

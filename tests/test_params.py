@@ -1,4 +1,6 @@
 """params.yaml validation: one line naming the key and what is allowed."""
+import os
+
 import pytest
 import yaml
 
@@ -174,3 +176,49 @@ def test_renamed_key_says_what_to_do(tmp_path):
         params_mod.load(tmp_path / "params.yaml")
     assert str(info.value).startswith("params.yaml: train.num_workers is now train.prefetch (minibatches one background "
                                       "thread reads ahead") and str(info.value).endswith("rename the key")
+
+
+# ---------------------------------------------------------------- hostile files (issue #33; more in test_bad_input)
+
+def test_the_checked_parser_reads_every_shipped_file_as_pyyaml_does():
+    """params.parse (duplicate keys, aliases, depth checked) builds the same data as yaml.safe_load."""
+    files = [REPO / "params.yaml", REPO / "workflow" / "params.demo.yaml", *sorted((REPO / "workflow" / "presets").glob("*.yaml"))]
+    assert len(files) > 3
+    for f in files:
+        text = f.read_text()
+        assert params_mod.parse(text, f.name) == yaml.safe_load(text), f
+
+
+def test_merge_keys_may_be_overridden_but_keys_not_repeated():
+    assert params_mod.parse("base: &b {x: 1, y: 2}\nm:\n  <<: *b\n  x: 3\n") == {"base": {"x": 1, "y": 2},
+                                                                              "m": {"x": 3, "y": 2}}
+    with pytest.raises(ParamsError, match=r"^params.yaml: duplicate key train.stages.8.lr \(lines 4 and 5\); "):
+        params_mod.parse("train:\n  stages:\n    '8':\n      lr: 1\n      lr: 2\n")
+    assert params_mod.parse("a: {'1': x, 1: y}\n") == {"a": {"1": "x", 1: "y"}}       # a string and an int
+
+
+@pytest.mark.timeout(60)
+def test_params_file_that_is_a_named_pipe_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "params.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ParamsError, match=r"params.yaml: not a regular file \(a pipe, socket or device\); pass "
+                                          r"--params the path of a params.yaml file$"):
+        params_mod.load(fifo)
+
+
+def test_huge_values_are_cut_in_messages(tmp_path):
+    """A 500 kB bad value: the one line quotes 60 characters of it."""
+    path = write_params(tmp_path, crop__detector="x" * 500_000)
+    with pytest.raises(ParamsError) as err:
+        params_mod.load(path)
+    msg = str(err.value)
+    assert msg.startswith('params.yaml: crop.detector must be one of "mtcnn-torch"') and msg.endswith('xxx...')
+    assert len(msg) < 300
+    assert params_mod.short([1] * 10**6) == "a list" and params_mod.short("ab" * 100, 10) == '"ababab...'
+
+
+def test_a_file_too_large_to_be_params_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\n" + "#" * params_mod.MAX_FILE_BYTES)
+    with pytest.raises(ParamsError, match=r"params.yaml: 1,048,584 bytes, over the 1,048,576 a params file may have"):
+        params_mod.load(path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,11 +61,19 @@ def check_seed(seed) -> int:
 def seed_latents(seed: int, n: int, latent_dim: int) -> Tensor:
     """[n, latent_dim] float32 N(0, I) latents on the CPU: one torch.Generator seeded with `seed`, one draw of
     `latent_dim` numbers per index in order, so the first k rows are the same for every n >= k."""
+    parts = list(latent_batches(seed, n, latent_dim, max(n, 1)))
+    return parts[0] if parts else torch.empty(0, latent_dim)
+
+
+def latent_batches(seed: int, n: int, latent_dim: int, batch: int) -> Iterator[Tensor]:
+    """seed_latents(seed, n, latent_dim) in [<= batch, latent_dim] pieces, each drawn when it is asked for: memory
+    for one batch whatever n is (`progan generate --n 100000000`)."""
     g = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     if n < 0:
         raise ProganError(f"number of latents must be >= 0, got {n}")
-    rows = [torch.randn(latent_dim, generator=g, dtype=torch.float32) for _ in range(n)]
-    return torch.stack(rows) if rows else torch.empty(0, latent_dim)
+    for start in range(0, n, batch):
+        yield torch.stack([torch.randn(latent_dim, generator=g, dtype=torch.float32)
+                           for _ in range(min(batch, n - start))])
 
 
 def slerp(a: Tensor, b: Tensor, t: float | Sequence[float] | Tensor) -> Tensor:

@@ -140,7 +140,20 @@ def read(path: str | Path, formats: tuple[str, ...], required: tuple[str, ...], 
         raise ProganError(f"{path}: {what} lacks {', '.join(missing)}; {fix}")
     if res_px is not None and obj["res_px"] != res_px:
         raise ProganError(f"{path}: holds the {obj['res_px']} px stage, expected {res_px} px; {fix}")
+    check_finite(path, obj, what, fix)
     return obj
+
+
+def check_finite(path: Path, obj: dict, what: str, fix: str) -> None:
+    """Refuse NaN or inf in the weights of G, D or G_ema (a diverged run or a damaged file would generate black
+    images and exit 0): one line naming the file and the first such tensor. One isfinite per tensor."""
+    for net in ("G", "D", "G_ema"):
+        state = obj.get(net)
+        for name, t in state.items() if isinstance(state, dict) else ():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ProganError(f"{path}: {what} tensor {net}.{name} holds {bad} non-finite values (NaN or inf) "
+                                  f"of {t.numel()}; the training diverged or the file is damaged; {fix}")
 
 
 def load_stage(path: str | Path, res_px: int) -> dict:

@@ -22,6 +22,15 @@ TOOLS = {
     "track-start": ("progan.tracking", "create the MLflow store, experiment and parent run before jobs start"),
     "dvc-yaml": ("progan.pipeline.dvcfile", "regenerate dvc.yaml from the stage table (pipeline/) and params.yaml"),
 }
+# What sizes each stage's memory (an out-of-memory error names these keys with their values); {res} is --res.
+MEMORY_KEYS = {
+    "crop": ("crop.batch_images", "crop.max_image_pixels"),
+    "pyramid": ("pyramid.chunk_images", "crop.size"),
+    "fid-stats": ("evaluate.fid.batch", "evaluate.fid.max_reals"),
+    "train": ("train.stages.{res}.batch", "model.latent_dim", "model.fmap_max"),
+    "evaluate": ("evaluate.batch", "evaluate.num_images", "evaluate.fid.batch", "evaluate.fid.num_images"),
+    "report": ("report.grid_images",),
+}
 # Commands that do not read params.yaml: name -> (module, function taking argv, help).
 STANDALONE = {
     "init": ("progan.presets", "main", "write params.yaml from an official preset (workflow/presets/; --list)"),
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setup()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    params = None
     try:
         params = params_mod.load(args.params)
         os.chdir(params.root)
@@ -102,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # anything unexpected: one line, traceback only with --debug
         if args.debug:
             raise
+        from progan.errors import cpu_out_of_memory
         from progan.fileio import disk_full_cause
+
+        oom = cpu_out_of_memory(e)
+        if oom is not None:
+            print(f"progan {args.command}: error: out of memory ({oom}); {_memory_keys(args, params)}",
+                  file=sys.stderr)
+            return 1
 
         full = disk_full_cause(e)                      # writes outside fileio.atomic_path (crop's PNGs)
         if full is not None:
@@ -116,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"progan {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _memory_keys(args, params) -> str:
+    """'the sizes it takes from params.yaml: train.stages.4.batch (now 128), model.latent_dim (now 512), ...; lower
+    them (or free memory) and run it again' for the stage that ran out of memory."""
+    keys = [k.format(res=getattr(args, "res", "")) for k in MEMORY_KEYS.get(args.command, ())]
+    if params is None or not keys:
+        return "free some memory and run the same command again"
+    from progan.params import short
+
+    now = ", ".join(f"{k} (now {short(params.get(k))})" for k in keys)
+    return f"the sizes it takes from {params.path.name}: {now}; lower them (or free memory) and run it again"
 
 
 if __name__ == "__main__":  # pragma: no cover

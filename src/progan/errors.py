@@ -17,6 +17,21 @@ def out_of_memory_error(err: BaseException, where: str, key: str, value, command
                        f"`{command}` again; {kept}")
 
 
+def cpu_out_of_memory(err: BaseException) -> str | None:
+    """A short text for a failed CPU allocation ("Unable to allocate 7.28 TiB for an array with shape ...", torch's
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes"), else None. The caller's one line
+    names the params key or file that sized it."""
+    import re
+
+    text = " ".join(str(err).split())
+    if isinstance(err, MemoryError):
+        return text[:120] or "MemoryError"
+    if isinstance(err, RuntimeError) and "can't allocate memory" in text:
+        m = re.search(r"you tried to allocate \d+ bytes", text)
+        return m.group(0) if m else text[:120]
+    return None
+
+
 def torch_load_failure(err: BaseException) -> tuple[str | None, str, bool]:
     """What a failed `torch.load(..., weights_only=True)` means: (the global the weights_only unpickler refused to
     import, or None; a short reason for one line; whether the weights_only unpickler itself stopped, e.g. at an

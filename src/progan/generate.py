@@ -11,6 +11,7 @@ Errors: one line on stderr, exit status 1 (traceback with --debug).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import torch
 
 from progan import api, log as log_mod
 from progan import checkpoint as ckpt_file      # `checkpoint` names the input path below
-from progan.errors import ProganError
+from progan.errors import ProganError, cpu_out_of_memory
 from progan.fileio import atomic_path
 from progan.log import log
 from progan.pictures import image_grid
 
+GRID_MAX_SIDE_PX = 8192   # --grid: one picture of every image (64 images at 1024 px, 200 MB in memory)
 GIF_MAX_FPS = 50       # GIF delays are whole 1/100 s; browsers slow delays under 0.02 s down to 0.1 s
 
 
@@ -58,9 +60,10 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float) -> None:
 # --------------------------------------------------------------------------------------------------- the work
 
 def generate(checkpoint: str | Path, out_dir: str | Path, n: int = 64, seed: int = 0, grid: bool = False,
-             batch: int = 64, device: str = "auto") -> list[Path]:
+             batch: int = 64, device: str = "auto") -> int:
     """Write n PNGs `seed<S>-<i:05d>.png` (i = 0..n-1) to out_dir, and `seed<S>-grid.png` with grid=True.
-    Returns the written paths. Image i depends only on (checkpoint, seed, i) and the device."""
+    Returns the number of files written. Image i depends only on (checkpoint, seed, i) and the device. Latents are
+    drawn one batch at a time (api.latent_batches): memory does not grow with n."""
     api.check_seed(seed)
     for name, value in (("--n", n), ("--batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -69,25 +72,28 @@ def generate(checkpoint: str | Path, out_dir: str | Path, n: int = 64, seed: int
     if out_dir.exists() and not out_dir.is_dir():
         raise ProganError(f"--out {out_dir}: exists and is not a folder")
     G = api.load_generator(checkpoint, device=device)
+    if grid:
+        side_px = math.ceil(math.sqrt(n)) * G.res_px
+        if side_px > GRID_MAX_SIDE_PX:
+            most = (GRID_MAX_SIDE_PX // G.res_px) ** 2
+            raise ProganError(f"--grid with --n {n} would be a {side_px} px wide picture holding every image; use "
+                              f"--grid with --n {most} or less at {G.res_px} px, or leave --grid out")
     log.info("generate: %d images of %d px from %s (seed %d, alpha %g) on %s -> %s/",
              n, G.res_px, checkpoint, seed, G.alpha, G.device, out_dir)
-    z = G.latents(n, seed)                # [n, latent_dim] on the CPU, drawn up front: batch-size independent
-    written, kept = [], []
+    written, kept = 0, []
     with log_mod.progress(total=n, desc="generate", unit="img") as bar:
-        for start in range(0, n, batch):
-            images = G.images(z[start:start + batch], batch=batch)            # uint8 [B, H, W, C]
+        for start, z in zip(range(0, n, batch), api.latent_batches(seed, n, G.latent_dim, batch)):
+            images = G.images(z, batch=batch)                                  # uint8 [B, H, W, C]
             for i, img in enumerate(images, start):
-                path = out_dir / f"seed{seed}-{i:05d}.png"
-                write_png(path, img)
-                written.append(path)
+                write_png(out_dir / f"seed{seed}-{i:05d}.png", img)
+            written += len(images)
             if grid:
                 kept.append(images)
             bar.update(len(images))
     if grid:
-        path = out_dir / f"seed{seed}-grid.png"
-        write_png(path, image_grid(np.concatenate(kept)))
-        written.append(path)
-    log.info("generate: wrote %d files to %s/", len(written), out_dir)
+        write_png(out_dir / f"seed{seed}-grid.png", image_grid(np.concatenate(kept)))
+        written += 1
+    log.info("generate: wrote %d files to %s/", written, out_dir)
     return written
 
 
@@ -196,6 +202,12 @@ def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None, wor
     except Exception as e:  # anything unexpected: one line, traceback only with --debug
         if args.debug:
             raise
+        oom = cpu_out_of_memory(e)
+        if oom is not None:
+            print(f"{prog}: error: out of memory ({oom}) with --checkpoint {args.checkpoint}"
+                  + (f" and --batch {args.batch}; lower --batch" if hasattr(args, "batch") else "")
+                  + " (or free memory), and check that file's 'model' settings", file=sys.stderr)
+            return 1
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         print(f"{prog}: error: {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -18,13 +18,10 @@ from typing import Any, Iterator, Mapping
 import jsonschema
 import yaml
 
-from progan.errors import ProganError
+from progan.params_file import (MAX_FILE_BYTES, ParamsError, cut, parse,  # noqa: F401 (parse, the limits: re-exported)
+                                read_text, short)
 
 DEFAULT_PATH = "params.yaml"
-
-
-class ParamsError(ProganError):
-    pass
 
 
 class Section(Mapping):
@@ -162,19 +159,19 @@ def _subschema_message(error: jsonschema.ValidationError) -> str | None:
 
 
 def _format_error(name: str, error: jsonschema.ValidationError, root_schema: dict) -> str:
-    key = _key_path(error)
-    got = json.dumps(error.instance) if not isinstance(error.instance, (dict, list)) else None
+    key = cut(_key_path(error), 200)
+    got = short(error.instance) if not isinstance(error.instance, (dict, list)) else None
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        extra = sorted(map(str, set(error.instance) - set(error.schema.get("properties", {}))))
         allowed = ", ".join(sorted(error.schema.get("properties", {})))
         where = f"{key}." if error.absolute_path else ""
-        return f"{name}: unknown key {where}{extra[0]} (allowed here: {allowed})"
+        return f"{name}: unknown key {where}{cut(extra[0])} (allowed here: {allowed})"
     if error.validator == "required":
         missing = error.message.split("'")[1]
         where = f"{key}." if error.absolute_path else ""
         return f"{name}: missing key {where}{missing} (every key must be written out; see the default params.yaml)"
     if error.validator == "propertyNames":
-        return f"{name}: {key} has an unknown key {json.dumps(error.instance)}; keys must be the resolutions 4, 8, ..., crop.size as quoted strings"
+        return f"{name}: {key} has an unknown key {short(error.instance)}; keys must be the resolutions 4, 8, ..., crop.size as quoted strings"
     # Find the schema node of the failing key to use its x-message.
     node = root_schema
     try:
@@ -202,7 +199,7 @@ def _format_error(name: str, error: jsonschema.ValidationError, root_schema: dic
             op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[error.validator]
             msg = f"must be {op} {error.validator_value}"
         else:
-            msg = error.message
+            msg = cut(error.message, 120)       # jsonschema's own text quotes the value
     return f"{name}: {key} {msg}" + (f", got {got}" if got is not None else "")
 
 
@@ -310,17 +307,6 @@ def _check_batches(data: Mapping, name: str) -> None:
 def load(path: str | Path = DEFAULT_PATH) -> Params:
     path = Path(path).absolute()
     name = path.name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such params file; run from the project folder or pass --params PATH") from None
-    except OSError as e:
-        raise ParamsError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{name}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = parse(read_text(path, name), name)
     validate(data, name)
     return Params(data, path)

@@ -2,8 +2,16 @@
 
 The CLI changes into that folder before running a stage, so stage code uses these relative paths
 directly. progan.pipeline builds the Snakemake rules and dvc.yaml from the same names.
+
+Source image paths in the stage lists (images.tsv, the crop manifest) are UTF-8 text whatever the file names
+are: `listed_path` writes a byte that is not UTF-8 (a Latin-1 `caf\xe9.jpg` from an old archive), a control
+character (tab, newline) and `%` itself as %XX, and `local_path` reads it back (urllib's percent-encoding).
 """
 from __future__ import annotations
+
+import os
+import re
+from urllib.parse import unquote_to_bytes
 
 RAW_DIR = "data/raw"                      # downloads and extracted archives
 IMAGES_LIST = "data/raw/images.tsv"       # download's output: one source image per row (path, bytes)
@@ -21,6 +29,20 @@ REPORT_LOSS_PLOT = "results/report/losses.tsv"    # DVC plots: losses of every s
 REPORT_LOSS_PNG = "results/report/losses.png"     # the page's loss curves, as a file (Snakemake's report, MLflow)
 REPORT_SWD_PNG = "results/report/swd.png"         # the page's SWD / MS-SSIM curves across stages, as a file
 STATE_DIR = ".progan"                     # run-local state outside declared outputs (locks, MLflow parent id)
+
+
+# `%`, C0 controls and DEL, and the surrogates os.fsdecode makes of bytes that are not UTF-8 (U+DC80..U+DCFF)
+_ESCAPED = re.compile("[%\x00-\x1f\x7f\udc80-\udcff]")
+
+
+def listed_path(path: str | os.PathLike) -> str:
+    """A file path as the stage lists write it: valid UTF-8 on one line, `local_path` gives the path back."""
+    return _ESCAPED.sub(lambda m: f"%{os.fsencode(m.group())[0]:02X}", os.fspath(path))
+
+
+def local_path(listed: str) -> str:
+    """The file path of a `listed_path` text (str, with surrogates for bytes that are not UTF-8, as os.listdir)."""
+    return os.fsdecode(unquote_to_bytes(listed)) if "%" in listed else listed
 
 
 def pyramid_level(res_px: int) -> str:

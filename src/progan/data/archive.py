@@ -34,6 +34,10 @@ RATIO_MIN_BYTES = 1 << 20    # members smaller than this are not ratio-checked o
 MAX_MEMBERS = 5_000_000      # CelebA has 202,599 files
 
 
+class CorruptArchive(ProganError):
+    """The archive cannot be read (bad CRC, cut short, a name that is not what its header says)."""
+
+
 @dataclass(frozen=True)
 class Member:
     """One regular file or folder of an archive, already checked. `parts` is the safe relative path."""
@@ -179,7 +183,10 @@ def extract(archive_path: str | os.PathLike, dest: str | os.PathLike, *,
         _replace_dir(tmp, dest)
         tmp = None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
-        raise ProganError(f"{name}: corrupt archive ({e}); delete it and run again to download it anew") from None
+        raise CorruptArchive(f"{name}: corrupt archive ({' '.join(str(e).split())[:160]})") from None
+    except UnicodeDecodeError as e:   # zipfile: a name flagged UTF-8 (general purpose bit 11) that is not UTF-8
+        raise ProganError(f"{name}: a member name flagged as UTF-8 is not UTF-8 (byte 0x{e.object[e.start]:02x}); "
+                          f"unpack the archive yourself and use data.source: folder") from None
     except OSError as e:
         raise ProganError(f"{name}: cannot extract to {dest} ({e.strerror or e})") from None
     finally:

@@ -24,6 +24,12 @@ quad); with the default margin 0.25 this gives the official 128 px crop on align
 image are mirrored (as in FFHQ), the square is sampled at its own resolution (bicubic) and then resized to
 crop.size with Lanczos.
 
+Memory is bounded by settings, not by the images: a JPEG of 4096 px or more is decoded reduced to what the
+detector looks at (Pillow's draft mode, images.decode; its crop is taken from that decode while the square keeps
+crop.size px there, else from a finer decode of that one image), the decoders read ahead at most
+DECODE_BUDGET_BYTES of pixels (readahead.py), and each MTCNN call gets at most DETECT_BATCH_PIXELS px of images.
+Smaller images (all of CelebA, typical photos) are decoded and detected exactly as before.
+
 Outputs are built in a temp folder beside data/faces and renamed into place at the end, so a killed run
 leaves the previous data/faces (or none), never half of one.
 """
@@ -36,8 +42,7 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,7 +54,8 @@ from progan import paths
 from progan.errors import ProganError, out_of_memory_error
 from progan.fileio import pid_alive
 from progan.log import log, progress
-from progan.data.images import ImageError, conversion_notes, load_rgb
+from progan.data import readahead
+from progan.data.images import ImageError, conversion_notes, decode
 
 CELEBA_ALIGNED_HW = (218, 178)            # img_align_celeba size
 CELEBA_BOX = (25, 57, 153, 185)           # x0, y0, x1, y1: the usual 128 px CelebA face crop
@@ -57,7 +63,12 @@ FACE_PER_EYE_DIST = 2.1                   # face_px = max(2.1 * eye distance, 2.
 FACE_PER_EYE_MOUTH = 2.0
 CENTRE_EYE_TO_MOUTH = 0.25                # crop centre = eye midpoint + 0.25 * (mouth midpoint - eye midpoint)
 DETECT_MAX_SIDE_PX = 2048                 # larger images are detected on an area-downscaled copy (memory)
+# px per MTCNN call: ~43 bytes of detector memory per px on the CPU (0.18 GB per 2048x2048 image, measured): two images
+# of 2048 px, 309 CelebA images, or all 32 of the first batch of the 43 test photos (9.9 Mpx): their crops unchanged
+# (split at 8 Mpx, one of their 29 crops changed in the last bits of its landmarks, as batch composition does)
+DETECT_BATCH_PIXELS = 12_000_000
 DECODE_WORKERS = 4                        # decoder threads (Pillow releases the GIL while decoding)
+DECODE_BUDGET_BYTES = 384 << 20           # decoded pixels held at once: read ahead plus the batch being detected
 # On CPU the detector gets half the cores for torch's intra-op threads, the decoders the rest: on the shared
 # 2-core machine 1 torch thread ran the stage 2-3x faster than 2 (which spin-wait against the decoders).
 TORCH_CPU_SHARE = 0.5
@@ -82,6 +93,8 @@ class Row:
     landmarks: np.ndarray | None = None
     out: str = ""
     image: np.ndarray | None = field(default=None, repr=False)
+    path: str = ""                     # the file (paths.local_path of `file`, under the project root)
+    scale: int = 1                     # `image` is the file decoded at 1/scale (images.decode)
 
     def csv(self) -> dict:
         fmt = lambda values: " ".join(f"{v:.1f}" for v in np.asarray(values, float).ravel())
@@ -113,41 +126,30 @@ def read_images_list(path: Path) -> list[str]:
     return files
 
 
-def _decode(name: str, root: Path, min_input_px: int, max_pixels: int) -> Row:
-    row = Row(index=-1, file=name)
+def _decode(name: str, ticket: readahead.Ticket, root: Path, min_input_px: int, max_pixels: int) -> Row:
+    local = paths.local_path(name)
+    row = Row(index=ticket.index, file=name, path=local if os.path.isabs(local) else str(root / local))
     try:
-        image = load_rgb(Path(name) if os.path.isabs(name) else root / name, max_pixels)
+        got = decode(row.path, max_pixels, keep_px=DETECT_MAX_SIDE_PX, reserve=ticket.reserve)
     except ImageError as e:
         row.reason = e.reason
+        ticket.release()
         return row
-    row.height, row.width = image.shape[:2]
-    if min(image.shape[:2]) < min_input_px:
+    row.width, row.height = got.full_wh
+    if min(got.full_wh) < min_input_px:
         row.reason = f"too small ({row.width}x{row.height} px < crop.min_input_px {min_input_px})"
+        ticket.release()
     else:
-        row.image = image
+        row.image, row.scale = got.image, got.scale
     return row
 
 
 def _decoded(files: list[str], root: Path, crop, batch: int) -> Iterator[list[Row]]:
-    """Batches of decoded rows in input order; decoding runs ahead in threads while the caller detects."""
-    with ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode") as pool:
-        pending: deque = deque()
-        it = iter(enumerate(files))
-        while True:
-            while len(pending) < 3 * batch:
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                pending.append((nxt[0], pool.submit(_decode, nxt[1], root, crop.min_input_px, crop.max_image_pixels)))
-            if not pending:
-                return
-            rows = []
-            while pending and len(rows) < batch:
-                index, fut = pending.popleft()
-                row = fut.result()
-                row.index = index
-                rows.append(row)
-            yield rows
+    """Batches of decoded rows in input order; decoding runs ahead in threads while the caller detects, holding
+    at most DECODE_BUDGET_BYTES of pixels (a batch is cut short when its images fill it)."""
+    def one(name, ticket):
+        return _decode(name, ticket, root, crop.min_input_px, crop.max_image_pixels)
+    return readahead.batches(files, one, batch, DECODE_BUDGET_BYTES, workers=DECODE_WORKERS)
 
 
 # ---------------------------------------------------------------- detection
@@ -207,16 +209,21 @@ def make_detector(name: str, min_face_px: int) -> Detector | None:
 
 
 def _detect_capped(detector: Detector, images: list[np.ndarray]) -> list[list]:
-    """Detect; images over DETECT_MAX_SIDE_PX are detected on a downscaled copy, coordinates scaled back."""
-    small, factors = [], []
-    for im in images:
-        f = min(1.0, DETECT_MAX_SIDE_PX / max(im.shape[:2]))
-        if f < 1.0:
-            size = (max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f)))
-            im = np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX))
-        small.append(im)
-        factors.append(f)
-    results = detector(small)
+    """Detect; images over DETECT_MAX_SIDE_PX are detected on a downscaled copy, coordinates scaled back. The
+    images go to the detector DETECT_BATCH_PIXELS px at a time (an image's faces do not depend on its batch),
+    each chunk's copies made just before its call."""
+    factors = [min(1.0, DETECT_MAX_SIDE_PX / max(im.shape[:2])) for im in images]
+    sizes = [(max(1, round(im.shape[1] * f)), max(1, round(im.shape[0] * f))) if f < 1.0 else im.shape[1::-1]
+             for im, f in zip(images, factors)]
+    results, start = [], 0
+    while start < len(images):
+        end, px = start + 1, sizes[start][0] * sizes[start][1]
+        while end < len(images) and px + sizes[end][0] * sizes[end][1] <= DETECT_BATCH_PIXELS:
+            px += sizes[end][0] * sizes[end][1]
+            end += 1
+        results += detector([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX)) if f < 1.0 else im
+                             for im, f, size in zip(images[start:end], factors[start:end], sizes[start:end])])
+        start = end
     for faces, f in zip(results, factors):
         for face in faces if f < 1.0 else ():
             face.box = tuple(v / f for v in face.box)
@@ -229,13 +236,18 @@ def _detect(detector: Detector | None, rows: list[Row], batch_images: int) -> li
     if detector is None or not rows:
         return [[] for _ in rows]
     try:
-        return _detect_capped(detector, [r.image for r in rows])
+        found = _detect_capped(detector, [r.image for r in rows])
     except Exception as e:
         torch = sys.modules.get("torch")                # imported by the torch detector, if that is the one
         if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
             raise
         raise out_of_memory_error(e, "crop", "crop.batch_images", batch_images, "progan crop",
                                   f"{paths.FACES_DIR} is untouched (the crops start over)") from e
+    for faces, row in zip(found, rows):            # to the full image's pixels
+        for face in faces if row.scale > 1 else ():
+            face.box = tuple(v * row.scale for v in face.box)
+            face.landmarks = face.landmarks * row.scale
+    return found
 
 
 def choose_face(faces: list, min_confidence: float):
@@ -302,6 +314,21 @@ def _inside_fraction(corners: np.ndarray, w: int, h: int, grid: int = 16) -> flo
     return float(((pts[..., 0] >= 0) & (pts[..., 0] <= w) & (pts[..., 1] >= 0) & (pts[..., 1] <= h)).mean())
 
 
+def _pixels_for(row: Row, side_px: float, crop) -> tuple[np.ndarray, int]:
+    """The decode to cut a square of `side_px` full-image px from, and its scale: row.image while the square keeps
+    crop.size px there, else this one file decoded again at the finest scale that does (a small face in a huge
+    photo keeps its detail; one full-size image in memory at a time)."""
+    s = row.scale
+    while s > 1 and side_px / s < crop.size:
+        s //= 2
+    if s == row.scale:
+        return row.image, s
+    try:
+        return decode(row.path, crop.max_image_pixels, scale=s).image, s
+    except ImageError as e:
+        raise ValueError(f"cannot decode it again at 1/{s} for the crop ({e.reason})") from None
+
+
 def crop_row(row: Row, face, detector_name: str, crop) -> np.ndarray:
     """The crop.size x crop.size RGB crop of a decoded row; fills row.box / score / landmarks / reason."""
     image, size = row.image, crop.size
@@ -313,25 +340,27 @@ def crop_row(row: Row, face, detector_name: str, crop) -> np.ndarray:
         x0, y0, x1, y1 = CELEBA_BOX
         return _resize(Image.fromarray(image[y0:y1, x0:x1]), size)
     if detector_name == "none":
-        h, w = image.shape[:2]
-        if (w, h) != (size, size):
-            raise ValueError(f"not {size}x{size} px (got {w}x{h}); crop.detector none takes images as they are "
-                             f"(center centre-crops and resizes)")
-        row.box = (0, 0, w, h)
+        if (row.width, row.height) != (size, size):
+            raise ValueError(f"not {size}x{size} px (got {row.width}x{row.height}); crop.detector none takes images as "
+                             f"they are (center centre-crops and resizes)")
+        row.box = (0, 0, row.width, row.height)
         return image
     if detector_name == "center":      # create_lsun: img[(h - c) // 2 : (h + c) // 2, (w - c) // 2 : (w + c) // 2]
+        image, s = _pixels_for(row, min(row.width, row.height), crop)
         h, w = image.shape[:2]
         side = min(h, w)
         x0, y0 = (w - side) // 2, (h - side) // 2
-        row.box = (x0, y0, x0 + side, y0 + side)
+        row.box = tuple(v * s for v in (x0, y0, x0 + side, y0 + side))
+        full_side = min(row.width, row.height)
         notes = [row.reason] if row.reason else []
-        notes += [f"centre {side}x{side} of {w}x{h}"] if w != h else []
-        notes += [f"resized {side} -> {size} px"] if side != size else []
+        notes += [f"centre {full_side}x{full_side} of {row.width}x{row.height}"] if row.width != row.height else []
+        notes += [f"resized {full_side} -> {size} px"] if full_side != size else []
         row.reason = "; ".join(notes)
         return _resize(Image.fromarray(image[y0:y0 + side, x0:x0 + side]), size)
     row.box, row.score, row.landmarks = face.box, face.score, face.landmarks
-    centre, ux, uy, side = aligned_square(face.landmarks, crop.margin)
-    out, outside = crop_square(image, centre, ux, uy, side, size)
+    centre, ux, uy, side = aligned_square(face.landmarks, crop.margin)        # full-image px
+    image, s = _pixels_for(row, side, crop)
+    out, outside = crop_square(image, centre / s, ux, uy, side / s, size)
     notes = [row.reason] if row.reason else []
     if outside > 0.005:
         notes.append(f"{outside:.0%} of the square outside the image (mirrored)")
@@ -367,7 +396,8 @@ def _preview(tiles: list[np.ndarray], path: Path, cols: int = 8) -> None:
 
 
 def _write_manifest(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    # `file` is the images.tsv text (paths.listed_path: UTF-8); a reason quoting an odd name is escaped, not fatal
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(r.csv() for r in rows)
@@ -397,8 +427,9 @@ def _crop_all(files: list[str], root: Path, crop, detector: Detector | None, out
     tiles: list[np.ndarray] = []
     kept = 0
     start = last_log = time.time()
-    with progress(total=len(files), desc="crop", unit="img") as bar:     # closed on errors too
-        for batch in _decoded(files, root, crop, crop.batch_images):
+    with progress(total=len(files), desc="crop", unit="img") as bar, \
+            contextlib.closing(_decoded(files, root, crop, crop.batch_images)) as batches:   # closed on errors too
+        for batch in batches:
             todo = [r for r in batch if r.image is not None]
             found_per_image = _detect(detector, todo, crop.batch_images)
             for row, found in zip(todo, found_per_image):

@@ -6,6 +6,10 @@ Handled on purpose: EXIF orientation, every Pillow mode (alpha composited on whi
 rescaled, CMYK / palette / 1-bit converted), content that does not match the extension (PNG data named .jpg),
 WEBP, animated GIF / APNG (first frame), and the decompression-bomb guard. `conversion_notes` says which of these a
 file gets (the crop manifest's notes).
+
+`decode(path, keep_px=N)` decodes a large JPEG reduced (Pillow's draft mode: the JPEG decoder scales the DCT by
+1/2, 1/4 or 1/8, so the full-size pixels are never held): only when its long side is at least 2N, and never
+below N. A 9000x9000 px photo (243 MB of pixels) becomes 2250x2250 (15 MB) for a detector that looks at 2048 px.
 """
 from __future__ import annotations
 
@@ -13,13 +17,16 @@ import os
 import stat
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485    # params.yaml crop.max_image_pixels (Pillow's Image.MAX_IMAGE_PIXELS)
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
+DRAFT_SCALES = (8, 4, 2)            # the reductions libjpeg's scaled IDCT gives through Image.draft
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Errors Pillow's decoders raise for corrupt data (besides UnidentifiedImageError, an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, ZeroDivisionError,
@@ -144,9 +151,32 @@ def conversion_notes(path: str | os.PathLike) -> list[str]:
 _FORMAT_SUFFIXES = {"JPEG": ("jpg", "jpeg", "jpe", "jfif"), "TIFF": ("tif", "tiff"), "PNG": ("png", "apng")}
 
 
+@dataclass
+class Decoded:
+    """A decoded image: uint8 RGB [h, w, 3] at 1/`scale` of the full image, which is `full_wh` px (EXIF-oriented)."""
+    image: np.ndarray
+    full_wh: tuple[int, int]
+    scale: int = 1
+
+
+def draft_scale(w: int, h: int, keep_px: int | None) -> int:
+    """The largest of 8, 4, 2 that keeps the long side of a w x h image at >= keep_px, else 1."""
+    if not keep_px:
+        return 1
+    return next((s for s in DRAFT_SCALES if max(w, h) // s >= keep_px), 1)
+
+
 def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode `path` (first frame, EXIF-oriented) to uint8 RGB [H, W, 3]; raise ImageError(reason) for any
     file that is missing, empty, not an image, truncated, corrupt or larger than `max_pixels`."""
+    return decode(path, max_pixels).image
+
+
+def decode(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_px: int | None = None,
+           scale: int | None = None, reserve: Callable[[int], None] | None = None) -> Decoded:
+    """load_rgb, reduced: a JPEG is decoded at 1/draft_scale(w, h, keep_px), or at 1/`scale` when given (other
+    formats in full). `reserve(nbytes)` is called with the decoded pixels' size before they are allocated
+    (readahead.Ticket.reserve). `max_pixels` applies to the full size."""
     path = Path(path)
     _check_file(path)
     try:
@@ -154,8 +184,16 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
             w, h = im.size
             if w * h > max_pixels:
                 raise _too_large(w, h, max_pixels)
+            s = scale or draft_scale(w, h, keep_px)
+            if s > 1 and im.format == "JPEG":
+                im.draft(None, (max(1, w // s), max(1, h // s)))
+            stored = im.size
+            if reserve is not None:
+                reserve(stored[0] * stored[1] * 3)
             im.load()
-            return to_rgb(_orient(im))
+            rgb = to_rgb(_orient(im))
+            full = (w, h) if rgb.shape[1::-1] == stored else (h, w)        # EXIF turned it 90 degrees
+            return Decoded(rgb, full, max(1, round(w / stored[0])))
     except UnidentifiedImageError:
         raise ImageError("not an image (unknown format)") from None
     except Image.DecompressionBombError:

@@ -41,6 +41,8 @@ from progan.model.layers import (SQRT2, ConvDown2d, EqualizedConv2d, EqualizedLi
                                  identity, leaky_relu, minibatch_stddev, pixel_norm, relu, upsample2x)
 
 MAX_RES_PX = 1024
+MAX_WIDTH = 16384           # model.latent_dim and model.fmap_max (32x the official 512): a file edited to 10^9 would
+                            # ask for terabytes at the first layer
 
 
 def _check_res(res_px: int, minimum: int = 4) -> int:
@@ -79,6 +81,8 @@ class ModelConfig:
             low = 0 if f.name == "mbstd_group_size" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ProganError(f"model.{f.name} must be an integer >= {low}, got {value!r}")
+            if f.name in ("latent_dim", "fmap_max") and value > MAX_WIDTH:      # the schema's maximum too
+                raise ProganError(f"model.{f.name} must be at most {MAX_WIDTH} (32x the official 512), got {value}")
 
     @classmethod
     def from_params(cls, params) -> "ModelConfig":

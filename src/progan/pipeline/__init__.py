@@ -64,14 +64,15 @@ def _inception_resolutions(params) -> list[int]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("download", "progan.data.download", "fetch or list the source images (data.*) into data/raw/",
-          code=("src/progan/data/download.py", "src/progan/data/archive.py", "src/progan/data/cifar10.py",
-                "src/progan/data/lsun.py"),
+          code=("src/progan/data/download.py", "src/progan/data/archive.py", "src/progan/data/transfer.py",
+                "src/progan/data/cifar10.py", "src/progan/data/lsun.py"),
           outs=(Out(paths.IMAGES_LIST),),
           params=("data.source", "data.url", "data.sha256", "data.md5", "data.folder", "data.max_images",
                   "data.max_download_mb", "data.cifar10_split", "data.lsun_category")),
     Stage("crop", "progan.data.faces", "detect and crop one face per image (crop.*) into data/faces/",
           deps=(paths.IMAGES_LIST,),
-          code=("src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py"),
+          code=("src/progan/data/faces.py", "src/progan/data/mtcnn.py", "src/progan/data/images.py",
+                "src/progan/data/readahead.py"),
           outs=(Out(paths.FACES_DIR, "uncached", folder=True),),
           params=("crop.detector", "crop.size", "crop.min_confidence", "crop.min_face_px", "crop.margin",
                   "crop.min_input_px", "crop.min_kept_fraction", "crop.max_image_pixels", "crop.batch_images"),
