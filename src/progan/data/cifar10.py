@@ -32,6 +32,7 @@ from PIL import Image
 
 from progan import paths
 from progan.data import archive as archive_mod, download
+from progan.data.transfer import read_state
 from progan.errors import ProganError
 from progan.fileio import write_json
 from progan.log import log, progress
@@ -106,7 +107,7 @@ def export(archive: str | os.PathLike, dest: str | os.PathLike, split: str) -> l
     """The split's images as dest/<k:06d>.png (k in archive order), written once per archive; returns them sorted."""
     archive, dest = Path(archive), Path(dest)
     stamp = _stamp(archive, split)
-    if download._read_state(dest / STAMP) == stamp:
+    if read_state(dest / STAMP) == stamp:
         log.info("%s already exported into %s", archive.name, dest)
         return sorted(dest.glob("*.png"))
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from progan import paths
 from progan.data import archive as archive_mod, download
+from progan.data.transfer import read_state
 from progan.errors import ProganError
 from progan.fileio import write_json
 from progan.log import log, progress
@@ -79,7 +80,7 @@ def _unpacked(zip_path: Path, dest: Path, max_total_bytes: int) -> Path:
     st = zip_path.stat()
     stamp = {"archive": zip_path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     marker = dest.parent / ".progan-unpacked.json"
-    if download._read_state(marker) != stamp:
+    if read_state(marker) != stamp:
         archive_mod.extract(zip_path, dest, max_total_bytes=max_total_bytes, require_suffixes=frozenset({".mdb"}))
         write_json(marker, stamp)
     found = sorted({p.parent for p in dest.rglob("data.mdb")})
@@ -124,7 +125,7 @@ def export(db: str | os.PathLike, dest: str | os.PathLike, max_images: int | Non
 
     db, dest = Path(db), Path(dest)
     stamp = _stamp(db, max_images) if (db / "data.mdb").is_file() else None
-    if stamp is not None and download._read_state(dest / STAMP) == stamp:
+    if stamp is not None and read_state(dest / STAMP) == stamp:
         log.info("%s already exported into %s", db, dest)
         return _listed(dest)
     env = _open(db)
